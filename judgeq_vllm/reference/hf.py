@@ -1,0 +1,213 @@
+"""The readable oracle: prefill, evict, then greedy-decode on a compressed HF cache.
+
+NOTE on how this reference works. The model runs with an attention function of our own
+(registered in transformers' ``AttentionInterface``) that computes exactly what ``sdpa``
+computes and, while a prefill is being observed, records every layer's post-RoPE queries
+of the observation tokens together with the keys they attended to. After the prefill,
+each layer's ``DynamicCache`` entry is replaced by the kept rows of every kv head (so the
+heads of one layer keep different tokens, all the same count), the soft tokens' KV is
+dropped, and decoding continues from position ``prompt_len`` with explicit position ids.
+Batch size is 1 and there is no padding, so no attention mask is needed: prefill is
+causal, and a decode step sees the whole compressed cache.
+
+Everything the vLLM path does must agree with this file: same kept indices per (layer,
+head), same greedy tokens (fp32 on CPU).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
+
+import torch
+from transformers import AttentionInterface, AutoModelForCausalLM, DynamicCache
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+from ..policies import EvictionPolicy, KVBudget, ObservationSource, ScoreInputs
+from ..soft_tokens import hf_model_fingerprint
+
+ATTN_IMPLEMENTATION = "judgeq_reference"
+
+
+@dataclass
+class _PrefillRecorder:
+    """Collects, per layer, the last ``num_observations`` queries and all keys."""
+
+    num_observations: int
+    queries: dict[int, torch.Tensor] = field(default_factory=dict)
+    keys: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    def record(self, layer_idx: int, query: torch.Tensor, key: torch.Tensor) -> None:
+        # query [1, Hq, T, D] -> [n_obs, Hq, D]; key [1, Hkv, T, D] -> [Hkv, T, D]
+        start = query.shape[2] - self.num_observations
+        self.queries[layer_idx] = query[0, :, start:, :].permute(1, 0, 2)
+        self.keys[layer_idx] = key[0]
+
+
+_RECORDER: contextvars.ContextVar[_PrefillRecorder | None] = contextvars.ContextVar(
+    "judgeq_prefill_recorder", default=None
+)
+
+
+def _reference_attention(module, query, key, value, attention_mask, **kwargs):
+    recorder = _RECORDER.get()
+    if recorder is not None:
+        recorder.record(module.layer_idx, query, key)
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+AttentionInterface.register(ATTN_IMPLEMENTATION, _reference_attention)
+
+
+@contextlib.contextmanager
+def _recording(num_observations: int) -> Iterator[_PrefillRecorder]:
+    recorder = _PrefillRecorder(num_observations)
+    token = _RECORDER.set(recorder)
+    try:
+        yield recorder
+    finally:
+        _RECORDER.reset(token)
+
+
+def load_reference_model(path: str, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """Loads an HF causal LM wired to the recording attention, in eval mode."""
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=ATTN_IMPLEMENTATION)
+    return model.eval()
+
+
+@dataclass
+class EvictionResult:
+    """What :func:`generate` did.
+
+    Attributes:
+        token_ids: generated tokens (the prompt excluded), greedy, stopped at a stop token
+            (included, as ``generate`` does) or ``max_new_tokens``.
+        prompt_len: tokens in the prompt (soft tokens not counted).
+        kept_indices: per layer, ``[num_kv_heads, k]`` kept prompt-token indices (sorted);
+            ``None`` when the prompt fit the budget and nothing was evicted.
+        cache_lengths: per layer, KV entries per head left after prefill (soft KV dropped).
+        positions: the position id of every generated token's *input* step, i.e. the
+            first generated token is fed back at ``positions[0] == prompt_len``.
+    """
+
+    token_ids: list[int]
+    prompt_len: int
+    kept_indices: list[torch.Tensor] | None
+    cache_lengths: list[int]
+    positions: list[int]
+
+
+def _observation_count(policy: EvictionPolicy, prompt_len: int) -> int:
+    if policy.observation_source == ObservationSource.PROMPT_WINDOW:
+        return min(policy.num_observations, prompt_len)
+    return policy.num_observations if policy.observation_source == ObservationSource.SOFT_TOKENS else 0
+
+
+def _stop_ids(model: torch.nn.Module, stop_token_ids: Sequence[int] | None) -> set[int]:
+    if stop_token_ids is not None:
+        return set(stop_token_ids)
+    eos = model.generation_config.eos_token_id
+    return set(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
+
+
+def _soft_token_embeddings(model: torch.nn.Module, policy: EvictionPolicy) -> torch.Tensor:
+    soft = policy.soft_tokens
+    soft.check_model(str(model.config.name_or_path), hf_model_fingerprint(model))
+    return soft.embeddings.to(model.device, model.dtype)[None]
+
+
+def _compress_cache(cache: DynamicCache, kept: list[torch.Tensor]) -> None:
+    for layer, kept_idx in zip(cache.layers, kept):
+        index = kept_idx.to(layer.keys.device)[None, :, :, None].expand(-1, -1, -1, layer.keys.shape[-1])
+        layer.keys = layer.keys.gather(2, index)
+        layer.values = layer.values.gather(2, index)
+
+
+@torch.inference_mode()
+def generate(
+    model: torch.nn.Module,
+    prompt_ids: Sequence[int],
+    policy: EvictionPolicy,
+    budget: KVBudget,
+    max_new_tokens: int,
+    stop_token_ids: Sequence[int] | None = None,
+    force_eviction_pass: bool = False,
+) -> EvictionResult:
+    """Greedy generation with one-shot eviction at the end of prefill.
+
+    Args:
+        model: from :func:`load_reference_model`.
+        prompt_ids: the prompt's token ids.
+        policy: the eviction policy (scores and protected tokens).
+        budget: tokens kept per (layer, kv head); a prompt that fits is not evicted.
+        max_new_tokens: generation length limit.
+        stop_token_ids: tokens that end generation (default: the model's EOS ids).
+        force_eviction_pass: run the observation/eviction machinery even when the prompt
+            fits the budget (keeping every prompt token); tests use it to show that soft
+            tokens and the compressed cache leave the output unchanged.
+    """
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
+    prompt_len = len(prompt_ids)
+    if prompt_len == 0:
+        raise ValueError("the prompt is empty")
+    keep = budget.keep_count(prompt_len)
+    evict = force_eviction_pass or keep < prompt_len
+    num_obs = _observation_count(policy, prompt_len) if evict else 0
+
+    device = model.device
+    ids = torch.tensor([list(prompt_ids)], device=device)
+    embeds = model.get_input_embeddings()(ids)
+    if evict and policy.observation_source == ObservationSource.SOFT_TOKENS:
+        embeds = torch.cat([embeds, _soft_token_embeddings(model, policy)], dim=1)
+    seq_len = embeds.shape[1]
+
+    cache = DynamicCache(config=model.config)
+    with _recording(num_obs) if evict else contextlib.nullcontext() as recorder:
+        out = model(
+            inputs_embeds=embeds,
+            position_ids=torch.arange(seq_len, device=device)[None],
+            past_key_values=cache,
+            use_cache=True,
+            # the first new token comes from the last *real* prompt token, never a soft one
+            logits_to_keep=torch.tensor([prompt_len - 1], device=device),
+        )
+
+    kept = None
+    if evict:
+        attention = model.model.layers[0].self_attn
+        num_layers = len(cache.layers)
+        kept = [
+            policy.select(
+                ScoreInputs(
+                    queries=recorder.queries[layer].cpu(),
+                    keys=recorder.keys[layer].cpu(),
+                    num_candidates=prompt_len,
+                    scale=attention.scaling,
+                    layer_idx=layer,
+                    num_layers=num_layers,
+                ),
+                keep,
+            )
+            for layer in range(num_layers)
+        ]
+        _compress_cache(cache, kept)
+    cache_lengths = [layer.keys.shape[2] for layer in cache.layers]
+
+    stop = _stop_ids(model, stop_token_ids)
+    token = int(out.logits[0, -1].argmax())
+    tokens, positions = [token], [prompt_len]
+    while len(tokens) < max_new_tokens and token not in stop:
+        out = model(
+            input_ids=torch.tensor([[token]], device=device),
+            position_ids=torch.tensor([[positions[-1]]], device=device),
+            past_key_values=cache,
+            use_cache=True,
+        )
+        token = int(out.logits[0, -1].argmax())
+        tokens.append(token)
+        positions.append(positions[-1] + 1)
+
+    return EvictionResult(tokens, prompt_len, kept, cache_lengths, positions)
