@@ -74,7 +74,7 @@ def run_demo(args: argparse.Namespace) -> int:
     config = model.config
     prompt = build_haystack_prompt(tokenizer, args.context_tokens, args.depth)
     bytes_per_token = 2 * config.num_key_value_heads * config.head_dim * config.num_hidden_layers * 4
-    print(f"model: SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized; fp32 on CPU), HF reference path")
+    print("model: SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized; fp32 on CPU), HF reference path")
     print(f"prompt: {len(prompt)} tokens, needle at depth {args.depth:.0%}; budget: {budget}\n")
 
     rows = []

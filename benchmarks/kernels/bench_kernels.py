@@ -1,0 +1,273 @@
+"""Microbenchmarks of the eviction kernels on one CUDA GPU, Llama-3.1-8B shapes.
+
+    python benchmarks/kernels/bench_kernels.py [--no-sweep] [--out benchmarks/results]
+
+For prompts of 8K, 32K and 128K tokens at batch 1 and 16 (32 query heads, 8 kv heads,
+head_dim 128, bf16, block_size 16, NHD cache, 32 soft tokens per request as in Judge Q):
+- `score_paged` on one layer: time, bytes read and written, GB/s, % of peak HBM, and the
+  time of each of its kernels (torch.profiler);
+- `compact_paged` down to 1,024 kept tokens per head, all layers in one launch (32 layers,
+  fewer where 32 do not fit in memory);
+- `torch.topk` of 1,024 over the [B, 8, T] scores, with the sort of the kept indices;
+- a torch device-to-device copy, as a reachable-bandwidth sanity figure;
+- (unless --no-sweep) `ScoreConfig` variants at 32K tokens, to re-tune the defaults.
+Times are medians of `triton.testing.do_bench`, which clears L2 before every run. Writes
+benchmarks/results/kernels-<device>-<date>.json and prints a table.
+"""
+
+import argparse
+import datetime
+import json
+import re
+import sys
+from pathlib import Path
+
+import torch
+import triton
+from triton.testing import do_bench
+
+from judgeq_vllm.kernels import ScoreConfig, compact_paged, score_paged
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from provenance import git_commit  # noqa: E402
+
+DEVICE = "cuda"
+NUM_Q_HEADS, NUM_KV_HEADS, HEAD_DIM, NUM_LAYERS = 32, 8, 128, 32
+BLOCK_SIZE, N_SOFT, KEPT = 16, 32, 1024
+PROMPTS, BATCHES, SWEEP_PROMPT = (8192, 32768, 131072), (1, 16), 32768
+# (name fragment, peak HBM GB/s) from the vendors' data sheets, most specific first
+PEAK_HBM_GBPS = [("H200", 4800), ("H100 NVL", 3900), ("H100 PCIe", 2000), ("H100", 3350)]
+SWEEP = [
+    ScoreConfig(),
+    ScoreConfig(block_n=128),
+    ScoreConfig(block_n=32),
+    ScoreConfig(num_warps=4),
+    ScoreConfig(num_stages=2),
+    ScoreConfig(num_stages=4),
+    ScoreConfig(block_m=64),
+    ScoreConfig(chunk=256),
+    ScoreConfig(chunk=1024),
+    ScoreConfig(chunk=2048),
+]
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    parser.add_argument("--no-sweep", action="store_true", help="skip the ScoreConfig sweep")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench_kernels.py needs a CUDA GPU")
+    torch.manual_seed(0)
+    name = torch.cuda.get_device_name()
+    peak = next((gbps for frag, gbps in PEAK_HBM_GBPS if frag in name), None)
+    report = {
+        "device": name,
+        "peak_hbm_gbps": peak,
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "cuda": torch.version.cuda,
+        "git_commit": git_commit(),
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "shapes": dict(
+            num_q_heads=NUM_Q_HEADS, num_kv_heads=NUM_KV_HEADS, head_dim=HEAD_DIM,
+            block_size=BLOCK_SIZE, n_soft=N_SOFT, kept=KEPT, dtype="bfloat16", layout="NHD",
+        ),
+        "notes": (
+            "score bytes: K of every key (stats pass) plus K of every candidate (score pass), "
+            "queries once per pass, per-chunk row stats written and read, scores written; V "
+            "is never read. do_bench clears L2 before each call, but the score pass may still "
+            "find in L2 keys the stats pass just read (all of them when K fits, 8K tokens), so "
+            "for small shapes GB/s is an effective figure, not pure HBM traffic. compact bytes: "
+            "moved rows read and written (rows already in place are skipped) plus the indices."
+        ),
+        "copy": bench_copy(),
+        "score": [],
+        "compact": [],
+        "topk": [],
+        "sweep": [],
+    }
+    for T in PROMPTS:
+        for B in BATCHES:
+            report["score"].append(bench_score(T, B, peak, ScoreConfig(), profile=True))
+            report["topk"].append(bench_topk(T, B))
+            report["compact"].append(bench_compact(T, B, peak))
+    if not args.no_sweep:
+        for B in BATCHES:
+            for cfg in SWEEP:
+                row = bench_score(SWEEP_PROMPT, B, peak, cfg, profile=False)
+                row["config"] = {k: v for k, v in vars(cfg).items()}
+                report["sweep"].append(row)
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-")
+    path = args.out / f"kernels-{slug}-{datetime.date.today():%Y%m%d}.json"
+    path.write_text(json.dumps(report, indent=1) + "\n")
+    print_tables(report)
+    print(f"\nwrote {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}")
+
+
+def bench_copy() -> dict:
+    src = torch.empty(1 << 30, dtype=torch.uint8, device=DEVICE)
+    dst = torch.empty_like(src)
+    ms = do_bench(lambda: dst.copy_(src), return_mode="median")
+    del src, dst
+    return {"bytes": 2 << 30, "ms": ms, "gbps": (2 << 30) / ms / 1e6}
+
+
+def paged_cache(lens: list[int], num_layers: int) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """bf16 NHD caches with a random permuted block table, as vLLM's FlashAttention lays them out."""
+    blocks = [triton.cdiv(n, BLOCK_SIZE) for n in lens]
+    num_blocks = sum(blocks) + 1
+    perm = torch.randperm(num_blocks - 1, device=DEVICE).int() + 1
+    block_tables = torch.zeros(len(lens), max(blocks), dtype=torch.int32, device=DEVICE)
+    start = 0
+    for b, n in enumerate(blocks):
+        block_tables[b, :n] = perm[start : start + n]
+        start += n
+    physical = (num_blocks, BLOCK_SIZE, NUM_KV_HEADS, 2 * HEAD_DIM)
+    caches = [
+        torch.randn(physical, dtype=torch.bfloat16, device=DEVICE).permute(0, 2, 1, 3)
+        for _ in range(num_layers)
+    ]
+    return caches, block_tables
+
+
+def bench_score(T: int, B: int, peak: float | None, cfg: ScoreConfig, profile: bool) -> dict:
+    key_len = T + N_SOFT
+    (cache,), block_tables = paged_cache([key_len] * B, 1)
+    queries = torch.randn(B * N_SOFT, NUM_Q_HEADS, HEAD_DIM, dtype=torch.bfloat16, device=DEVICE)
+    qsl = torch.arange(0, B * N_SOFT + 1, N_SOFT, dtype=torch.int32, device=DEVICE)
+    key_lens = torch.full((B,), key_len, dtype=torch.int32, device=DEVICE)
+    num_cand = torch.full((B,), T, dtype=torch.int32, device=DEVICE)
+    hints = dict(max_num_obs=N_SOFT, max_key_len=key_len, max_num_candidates=T)
+
+    def run():
+        return score_paged(
+            queries, qsl, cache, block_tables, key_lens, num_cand, HEAD_DIM**-0.5, config=cfg, **hints
+        )
+
+    ms = do_bench(run, return_mode="median")
+    # what the kernels read and write: K of every key in the stats pass and of every
+    # candidate in the score pass (V is never touched), the queries once per pass, the
+    # per-chunk row stats written then read, the scores written
+    k_row = NUM_KV_HEADS * HEAD_DIM * 2
+    chunk = cfg.resolved(B, NUM_KV_HEADS, key_len, cache.device).chunk
+    rows = N_SOFT * (NUM_Q_HEADS // NUM_KV_HEADS)
+    stats = B * NUM_KV_HEADS * triton.cdiv(key_len, chunk) * rows * 4 * 2
+    bytes_moved = (
+        B * (key_len + T) * k_row
+        + 2 * queries.numel() * 2
+        + 2 * stats
+        + B * NUM_KV_HEADS * T * 4
+    )
+    row = {
+        "prompt_len": T, "batch": B, "key_len": key_len, "chunk": chunk, "ms": ms,
+        "bytes": bytes_moved, "gbps": bytes_moved / ms / 1e6,
+        "pct_peak_hbm": 100 * bytes_moved / ms / 1e6 / peak if peak else None,
+        "k_bytes_once": B * key_len * k_row,
+    }
+    if profile:
+        row["kernels_ms"] = _profile(run)
+    del cache, queries
+    torch.cuda.empty_cache()
+    return row
+
+
+def bench_compact(T: int, B: int, peak: float | None) -> dict:
+    # 8 kv heads x 2 x 128 x bf16 = 4 KiB per token and layer; keep the caches under ~24 GiB
+    num_layers = max(1, min(NUM_LAYERS, (24 << 30) // (B * T * 4096)))
+    caches, block_tables = paged_cache([T] * B, num_layers)
+    score = torch.rand(num_layers, B, NUM_KV_HEADS, T, device=DEVICE)
+    score[..., :4] = 2
+    score[..., -N_SOFT:] = 2
+    kept = score.topk(KEPT, dim=-1).indices.sort(dim=-1).values.int()
+    num_kept = torch.full((B,), KEPT, dtype=torch.int32, device=DEVICE)
+    moved = int((kept != torch.arange(KEPT, device=DEVICE)).sum())
+    del score
+    ms = do_bench(lambda: compact_paged(caches, block_tables, kept, num_kept), return_mode="median")
+    # each moved row is read and written; rows already in place are skipped
+    bytes_moved = moved * 2 * HEAD_DIM * 2 * 2 + kept.numel() * 4
+    row = {
+        "prompt_len": T, "batch": B, "layers": num_layers, "ms": ms, "ms_per_layer": ms / num_layers,
+        "moved_rows": moved, "bytes": bytes_moved, "gbps": bytes_moved / ms / 1e6,
+        "pct_peak_hbm": 100 * bytes_moved / ms / 1e6 / peak if peak else None,
+    }
+    del caches, kept
+    torch.cuda.empty_cache()
+    return row
+
+
+def bench_topk(T: int, B: int) -> dict:
+    scores = torch.rand(B, NUM_KV_HEADS, T, device=DEVICE)
+    ms_topk = do_bench(lambda: scores.topk(KEPT, dim=-1, sorted=False), return_mode="median")
+    ms_both = do_bench(
+        lambda: scores.topk(KEPT, dim=-1, sorted=False).indices.sort(dim=-1), return_mode="median"
+    )
+    return {"prompt_len": T, "batch": B, "k": KEPT, "topk_ms": ms_topk, "topk_sort_ms": ms_both}
+
+
+def _profile(fn, iters: int = 10) -> dict:
+    """Device time of each kernel per call, with L2 cleared between calls as do_bench does."""
+    flush = torch.empty(256 << 20, dtype=torch.int8, device=DEVICE)
+    fn()
+    torch.cuda.synchronize()
+    # the breakdown is a bonus: a profiler failure must not lose the rest of the run
+    try:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            for _ in range(iters):
+                flush.zero_()
+                fn()
+            torch.cuda.synchronize()
+        return {
+            evt.key: evt.device_time_total / 1e3 / iters
+            for evt in prof.key_averages()
+            if evt.key.endswith("_kernel")
+        }
+    except Exception as e:  # noqa: BLE001
+        return {"error": repr(e)}
+
+
+def print_tables(report: dict) -> None:
+    print(f"{report['device']}  peak HBM {report['peak_hbm_gbps']} GB/s  "
+          f"torch copy {report['copy']['gbps']:.0f} GB/s")
+    print("\nscore_paged, one layer (32 soft tokens, Llama-3.1-8B heads)")
+    print(f"{'prompt':>8} {'B':>3} {'ms':>8} {'MB':>9} {'GB/s':>7} {'%peak':>6}  kernels (ms)")
+    for r in report["score"]:
+        kernels = " ".join(
+            f"{k.removeprefix('score_').removesuffix('_kernel')}={v:.3f}"
+            if isinstance(v, float) else f"{k}={v}"
+            for k, v in r["kernels_ms"].items()
+        )
+        print(f"{r['prompt_len']:>8} {r['batch']:>3} {r['ms']:>8.3f} {r['bytes'] / 1e6:>9.1f} "
+              f"{r['gbps']:>7.0f} {_pct(r['pct_peak_hbm']):>6}  {kernels}")
+    print(f"\ncompact_paged to {KEPT} kept tokens per head, all layers in one launch")
+    print(f"{'prompt':>8} {'B':>3} {'layers':>6} {'ms':>8} {'ms/layer':>9} {'GB/s':>7} {'%peak':>6}")
+    for r in report["compact"]:
+        print(f"{r['prompt_len']:>8} {r['batch']:>3} {r['layers']:>6} {r['ms']:>8.3f} "
+              f"{r['ms_per_layer']:>9.4f} {r['gbps']:>7.0f} {_pct(r['pct_peak_hbm']):>6}")
+    print(f"\ntorch.topk(k={KEPT}) over [B, {NUM_KV_HEADS}, T] fp32 scores")
+    print(f"{'prompt':>8} {'B':>3} {'topk ms':>9} {'+sort ms':>9}")
+    for r in report["topk"]:
+        print(f"{r['prompt_len']:>8} {r['batch']:>3} {r['topk_ms']:>9.3f} {r['topk_sort_ms']:>9.3f}")
+    score = next(r for r in report["score"] if r["prompt_len"] == 32768 and r["batch"] == 1)
+    compact = next(r for r in report["compact"] if r["prompt_len"] == 32768 and r["batch"] == 1)
+    print(f"\nacceptance: score 32K B=1 at {_pct(score['pct_peak_hbm'])}% of peak HBM (>= 60); "
+          f"compact 32K -> {KEPT} x {compact['layers']} layers in {compact['ms']:.3f} ms (< 0.5)")
+    if report["sweep"]:
+        print("\nScoreConfig sweep at 32K tokens")
+        for r in report["sweep"]:
+            cfg = ", ".join(f"{k}={v}" for k, v in r["config"].items() if k != "chunk")
+            print(f"  B={r['batch']:<3} {r['ms']:>8.3f} ms {_pct(r['pct_peak_hbm']):>6}%  "
+                  f"chunk={r['chunk']}, {cfg}")
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{x:.1f}"
+
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,551 @@
+"""Soft-query scoring over a paged KV cache (Triton).
+
+NOTE on the algorithm: a key's score needs the softmax denominator of every observation
+row, and that denominator covers all visible keys, so the keys are read twice.
+1. `score_stats_kernel`, split-K: each program takes a chunk of one request's keys for
+   one kv head and keeps, per observation row (obs query i, query head g of the group),
+   an online max and sum of exp2 over the chunk.
+2. `score_lse_kernel` folds the per-chunk partials into one log-sum-exp per row.
+3. `score_kernel`, split-K over the candidate keys: exp2(logit - lse) summed over the
+   rows of the group, i.e. over obs queries and query heads.
+4. `score_pool_kernel` (pool_kernel > 1 only): max-pool over the candidate range.
+All logits are in base 2 (scaled by log2(e)) so the exponentials are exp2.
+Chunking over keys gives batch 1 with 8 kv heads enough programs to fill the GPU.
+"""
+
+import math
+from dataclasses import dataclass, replace
+
+import torch
+import triton
+import triton.language as tl
+
+from ..utils import check_index_tensor, check_kv_cache, check_same_device, num_sms
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _load_obs_queries(
+    q,  # [total_obs, HQ, D]
+    bos,
+    n_obs,
+    key_len,
+    i_h,
+    i_m,
+    s_qt: tl.int64,
+    s_qh: tl.int64,
+    G: tl.constexpr,
+    D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    # row r of the tile is obs query r // G seen through query head i_h * G + r % G
+    o_r = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    o_i = o_r // G
+    o_d = tl.arange(0, BLOCK_D)
+    m_r = o_i < n_obs
+    p_q = q + (bos + o_i)[:, None] * s_qt + (i_h * G + o_r % G)[:, None] * s_qh + o_d[None, :]
+    b_q = tl.load(p_q, mask=m_r[:, None] & (o_d < D)[None, :], other=0.0)
+    # obs query i sits at position key_len - n_obs + i and sees keys up to there
+    b_lim = key_len - n_obs + o_i
+    return o_r, m_r, b_q, b_lim
+
+
+@triton.jit
+def _load_keys(
+    kv_cache,  # [num_blocks, HKV, BS, 2 * D]
+    p_bt,  # [max_blocks_per_req] block table row of the request
+    i_h,
+    o_t,
+    m_t,
+    s_kb: tl.int64,
+    s_kh: tl.int64,
+    s_kt: tl.int64,
+    D: tl.constexpr,
+    BS: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    MASKED: tl.constexpr,
+):
+    o_d = tl.arange(0, BLOCK_D)
+    if MASKED:
+        b_blk = tl.load(p_bt + o_t // BS, mask=m_t, other=0).to(tl.int64)
+    else:
+        b_blk = tl.load(p_bt + o_t // BS).to(tl.int64)
+    p_k = kv_cache + b_blk[:, None] * s_kb + i_h * s_kh + (o_t % BS)[:, None] * s_kt + o_d[None, :]
+    if MASKED:
+        b_k = tl.load(p_k, mask=m_t[:, None] & (o_d < D)[None, :], other=0.0)
+    elif BLOCK_D == D:
+        b_k = tl.load(p_k)
+    else:
+        b_k = tl.load(p_k, mask=(o_d < D)[None, :], other=0.0)
+    return b_k
+
+
+@triton.jit
+def _online_softmax_update(b_qk, b_m, b_l, qk_scale):
+    # b_qk is the unscaled q.k: the max is taken before scaling (qk_scale > 0) so that the
+    # exponent below is a single fma per logit
+    b_m_new = tl.maximum(b_m, tl.max(b_qk, 1) * qk_scale)
+    # a row that has seen no visible key yet keeps m = -inf: shift by 0 so exp2 gives 0, not NaN
+    b_shift = tl.where(b_m_new == float("-inf"), 0.0, b_m_new)
+    b_p = tl.exp2(b_qk * qk_scale - b_shift[:, None])
+    b_l = b_l * tl.exp2(b_m - b_shift) + tl.sum(b_p, 1)
+    return b_m_new, b_l
+
+
+@triton.jit(do_not_specialize=["NC"])
+def score_stats_kernel(
+    q,  # [total_obs, HQ, D]
+    query_start_loc,  # [B + 1]
+    kv_cache,  # [num_blocks, HKV, BS, 2 * D]
+    block_tables,  # [B, max_blocks_per_req]
+    key_lens,  # [B]
+    m_part,  # [B, HKV, NC, M_PAD] fp32: per-chunk row max of the base-2 logits
+    l_part,  # [B, HKV, NC, M_PAD] fp32: per-chunk row sum of exp2(logit - max)
+    qk_scale,
+    s_qt: tl.int64,
+    s_qh: tl.int64,
+    s_kb: tl.int64,
+    s_kh: tl.int64,
+    s_kt: tl.int64,
+    s_bt: tl.int64,
+    NC,
+    HKV: tl.constexpr,
+    G: tl.constexpr,
+    D: tl.constexpr,
+    BS: tl.constexpr,
+    CHUNK: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    NUM_M_TILES: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    i_c = tl.program_id(0).to(tl.int64)
+    i_h = tl.program_id(1).to(tl.int64)
+    i_b = tl.program_id(2).to(tl.int64)
+    bos = tl.load(query_start_loc + i_b).to(tl.int64)
+    n_obs = tl.load(query_start_loc + i_b + 1).to(tl.int64) - bos
+    key_len = tl.load(key_lens + i_b).to(tl.int64)
+    t_start = i_c * CHUNK
+    if t_start >= key_len:
+        return
+    t_end = tl.minimum(t_start + CHUNK, key_len)
+    # keys before key_len - n_obs + 1 are visible to every obs row: their tiles need no mask
+    t_full = tl.minimum(t_end, key_len - n_obs + 1)
+    t_split = t_start + tl.maximum(t_full - t_start, 0) // BLOCK_N * BLOCK_N
+    p_bt = block_tables + i_b * s_bt
+    p_part = ((i_b * HKV + i_h) * NC + i_c) * (NUM_M_TILES * BLOCK_M)
+
+    # rows past n_obs * G load zero queries and get garbage stats that the score pass ignores
+    for i_m in range(NUM_M_TILES):
+        o_r, m_r, b_q, b_lim = _load_obs_queries(
+            q, bos, n_obs, key_len, i_h, i_m, s_qt, s_qh, G, D, BLOCK_M, BLOCK_D
+        )
+        b_m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        b_l = tl.zeros([BLOCK_M], tl.float32)
+        for t0 in range(t_start, t_split, BLOCK_N):
+            o_t = t0 + tl.arange(0, BLOCK_N)
+            b_k = _load_keys(
+                kv_cache, p_bt, i_h, o_t, None, s_kb, s_kh, s_kt, D, BS, BLOCK_D, False
+            )
+            b_qk = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION)
+            b_m, b_l = _online_softmax_update(b_qk, b_m, b_l, qk_scale)
+        for t0 in range(t_split, t_end, BLOCK_N):
+            o_t = t0 + tl.arange(0, BLOCK_N)
+            m_t = o_t < t_end
+            b_k = _load_keys(
+                kv_cache, p_bt, i_h, o_t, m_t, s_kb, s_kh, s_kt, D, BS, BLOCK_D, True
+            )
+            b_qk = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION)
+            # b_lim < key_len for valid rows, so this also drops the keys past t_end
+            b_qk = tl.where(o_t[None, :] <= b_lim[:, None], b_qk, float("-inf"))
+            b_m, b_l = _online_softmax_update(b_qk, b_m, b_l, qk_scale)
+        tl.store(m_part + p_part + o_r, b_m)
+        tl.store(l_part + p_part + o_r, b_l)
+
+
+@triton.jit(do_not_specialize=["NC"])
+def score_lse_kernel(
+    m_part,  # [B, HKV, NC, M_PAD] fp32
+    l_part,  # [B, HKV, NC, M_PAD] fp32
+    key_lens,  # [B]
+    lse,  # [B, HKV, M_PAD] fp32: base-2 log-sum-exp of each obs row over its visible keys
+    NC,
+    HKV: tl.constexpr,
+    CHUNK: tl.constexpr,
+    M_PAD: tl.constexpr,
+):
+    i_h = tl.program_id(0).to(tl.int64)
+    i_b = tl.program_id(1).to(tl.int64)
+    n_chunks = tl.cdiv(tl.load(key_lens + i_b).to(tl.int64), CHUNK)
+    o_r = tl.arange(0, M_PAD)
+    p_part = (i_b * HKV + i_h) * NC * M_PAD + o_r
+    b_m = tl.full([M_PAD], float("-inf"), tl.float32)
+    b_l = tl.zeros([M_PAD], tl.float32)
+    for i_c in range(0, n_chunks):
+        b_mc = tl.load(m_part + p_part + i_c * M_PAD)
+        b_lc = tl.load(l_part + p_part + i_c * M_PAD)
+        b_m_new = tl.maximum(b_m, b_mc)
+        b_shift = tl.where(b_m_new == float("-inf"), 0.0, b_m_new)
+        b_l = b_l * tl.exp2(b_m - b_shift) + b_lc * tl.exp2(b_mc - b_shift)
+        b_m = b_m_new
+    b_shift = tl.where(b_m == float("-inf"), 0.0, b_m)
+    tl.store(lse + (i_b * HKV + i_h) * M_PAD + o_r, b_shift + tl.log2(b_l))
+
+
+@triton.jit
+def _tile_mass(
+    b_k, b_q, b_lse, b_lim, o_t, qk_scale, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr
+):
+    # keys along the rows of the product: the sum over obs rows then stays within a thread
+    # quad instead of crossing warps through shared memory
+    b_qk = tl.dot(b_k, tl.trans(b_q), input_precision=DOT_PRECISION)
+    if MASKED:
+        b_qk = tl.where(o_t[:, None] <= b_lim[None, :], b_qk, float("-inf"))
+    return tl.sum(tl.exp2(b_qk * qk_scale - b_lse[None, :]), 1)
+
+
+@triton.jit
+def _candidate_tile(
+    b_q0,
+    b_lse0,
+    b_lim0,
+    q,  # [total_obs, HQ, D]
+    p_lse,  # [M_PAD] lse rows of (request, kv head)
+    kv_cache,  # [num_blocks, HKV, BS, 2 * D]
+    p_bt,  # [max_blocks_per_req]
+    bos,
+    n_obs,
+    key_len,
+    i_h,
+    o_t,
+    m_t,
+    qk_scale,
+    s_qt: tl.int64,
+    s_qh: tl.int64,
+    s_kb: tl.int64,
+    s_kh: tl.int64,
+    s_kt: tl.int64,
+    G: tl.constexpr,
+    D: tl.constexpr,
+    BS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    NUM_M_TILES: tl.constexpr,
+    MASKED: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    # the key tile is loaded once and reused by every row tile; row tile 0 comes in
+    # preloaded, the others (n_obs * G > BLOCK_M) are reloaded from L2 for each key tile
+    b_k = _load_keys(kv_cache, p_bt, i_h, o_t, m_t, s_kb, s_kh, s_kt, D, BS, BLOCK_D, MASKED)
+    b_acc = _tile_mass(b_k, b_q0, b_lse0, b_lim0, o_t, qk_scale, MASKED, DOT_PRECISION)
+    for i_m in range(1, NUM_M_TILES):
+        o_r, m_r, b_q, b_lim = _load_obs_queries(
+            q, bos, n_obs, key_len, i_h, i_m, s_qt, s_qh, G, D, BLOCK_M, BLOCK_D
+        )
+        b_lse = tl.load(p_lse + o_r, mask=m_r, other=float("inf"))
+        b_acc += _tile_mass(b_k, b_q, b_lse, b_lim, o_t, qk_scale, MASKED, DOT_PRECISION)
+    return b_acc
+
+
+@triton.jit(do_not_specialize=["s_sb", "s_sh", "T_OUT"])
+def score_kernel(
+    q,  # [total_obs, HQ, D]
+    query_start_loc,  # [B + 1]
+    kv_cache,  # [num_blocks, HKV, BS, 2 * D]
+    block_tables,  # [B, max_blocks_per_req]
+    key_lens,  # [B]
+    num_candidates,  # [B]
+    lse,  # [B, HKV, M_PAD] fp32
+    scores,  # [B, HKV, T_OUT] fp32, T_OUT = max(num_candidates)
+    qk_scale,
+    s_qt: tl.int64,
+    s_qh: tl.int64,
+    s_kb: tl.int64,
+    s_kh: tl.int64,
+    s_kt: tl.int64,
+    s_bt: tl.int64,
+    s_sb: tl.int64,
+    s_sh: tl.int64,
+    T_OUT,
+    HKV: tl.constexpr,
+    G: tl.constexpr,
+    D: tl.constexpr,
+    BS: tl.constexpr,
+    CHUNK: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    NUM_M_TILES: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    # walk the chunks backwards: the stats pass read the last keys last, so they are the
+    # likeliest to still be in L2
+    i_c = (tl.num_programs(0) - 1 - tl.program_id(0)).to(tl.int64)
+    i_h = tl.program_id(1).to(tl.int64)
+    i_b = tl.program_id(2).to(tl.int64)
+    bos = tl.load(query_start_loc + i_b).to(tl.int64)
+    n_obs = tl.load(query_start_loc + i_b + 1).to(tl.int64) - bos
+    key_len = tl.load(key_lens + i_b).to(tl.int64)
+    n_cand = tl.load(num_candidates + i_b).to(tl.int64)
+    t_start = i_c * CHUNK
+    t_end = tl.minimum(t_start + CHUNK, T_OUT)
+    t_stop = tl.minimum(t_end, n_cand)
+    t_full = tl.minimum(t_stop, key_len - n_obs + 1)
+    # [t_start, t_split): unmasked tiles; [t_split, t_fill): tiles holding the causal
+    # diagonal or the end of the candidates; [t_fill, t_end): no candidate, -inf only
+    t_split = t_start + tl.maximum(t_full - t_start, 0) // BLOCK_N * BLOCK_N
+    t_fill = t_start + tl.cdiv(tl.maximum(t_stop - t_start, 0), BLOCK_N) * BLOCK_N
+    p_bt = block_tables + i_b * s_bt
+    p_lse = lse + (i_b * HKV + i_h) * (NUM_M_TILES * BLOCK_M)
+    p_s = scores + i_b * s_sb + i_h * s_sh
+
+    # the first row tile is loaded once for the whole chunk; padding rows get lse = +inf,
+    # so exp2(logit - lse) = 0 drops them
+    o_r, m_r, b_q0, b_lim0 = _load_obs_queries(
+        q, bos, n_obs, key_len, i_h, 0, s_qt, s_qh, G, D, BLOCK_M, BLOCK_D
+    )
+    b_lse0 = tl.load(p_lse + o_r, mask=m_r, other=float("inf"))
+    for t0 in range(t_start, t_split, BLOCK_N):
+        o_t = t0 + tl.arange(0, BLOCK_N)
+        b_acc = _candidate_tile(
+            b_q0, b_lse0, b_lim0, q, p_lse, kv_cache, p_bt, bos, n_obs, key_len, i_h, o_t, None,
+            qk_scale, s_qt, s_qh, s_kb, s_kh, s_kt,
+            G, D, BS, BLOCK_M, BLOCK_D, NUM_M_TILES, False, DOT_PRECISION,
+        )
+        tl.store(p_s + o_t, b_acc)
+    for t0 in range(t_split, t_fill, BLOCK_N):
+        o_t = t0 + tl.arange(0, BLOCK_N)
+        m_t = o_t < t_stop
+        b_acc = _candidate_tile(
+            b_q0, b_lse0, b_lim0, q, p_lse, kv_cache, p_bt, bos, n_obs, key_len, i_h, o_t, m_t,
+            qk_scale, s_qt, s_qh, s_kb, s_kh, s_kt,
+            G, D, BS, BLOCK_M, BLOCK_D, NUM_M_TILES, True, DOT_PRECISION,
+        )
+        tl.store(p_s + o_t, tl.where(m_t, b_acc, float("-inf")), mask=o_t < t_end)
+    for t0 in range(t_fill, t_end, BLOCK_N):
+        o_t = t0 + tl.arange(0, BLOCK_N)
+        tl.store(p_s + o_t, tl.full([BLOCK_N], float("-inf"), tl.float32), mask=o_t < t_end)
+
+
+@triton.jit(do_not_specialize=["s_sb", "s_sh", "T_OUT"])
+def score_pool_kernel(
+    raw,  # [B, HKV, T_OUT] fp32, same strides as scores
+    scores,  # [B, HKV, T_OUT] fp32
+    num_candidates,  # [B]
+    s_sb: tl.int64,
+    s_sh: tl.int64,
+    T_OUT,
+    POOL: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+):
+    i_t = tl.program_id(0).to(tl.int64)
+    i_h = tl.program_id(1).to(tl.int64)
+    i_b = tl.program_id(2).to(tl.int64)
+    n_cand = tl.load(num_candidates + i_b).to(tl.int64)
+    o_t = i_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    p_off = i_b * s_sb + i_h * s_sh
+    b_max = tl.full([BLOCK_T], float("-inf"), tl.float32)
+    for i_w in tl.static_range(POOL):
+        o_src = o_t + (i_w - POOL // 2)
+        # -inf padding at both ends of the candidate range, as F.max_pool1d pads
+        m_src = (o_src >= 0) & (o_src < n_cand)
+        b_max = tl.maximum(b_max, tl.load(raw + p_off + o_src, mask=m_src, other=float("-inf")))
+    tl.store(scores + p_off + o_t, tl.where(o_t < n_cand, b_max, float("-inf")), mask=o_t < T_OUT)
+
+
+@dataclass(frozen=True)
+class ScoreConfig:
+    """Launch parameters of `score_paged`.
+
+    Args:
+        chunk: keys per program along the split-K axis, a multiple of `block_n`;
+            None picks the largest power of two that still gives every SM three programs.
+        block_m: most observation rows (n_obs * G) in one tile; more rows use several tiles.
+        block_n: keys per tile.
+        num_warps: None picks 8 for 128x64 tiles and larger, else 4.
+        num_stages: software-pipelining depth of the key loads.
+    """
+
+    chunk: int | None = None
+    block_m: int = 128
+    block_n: int = 64
+    num_warps: int | None = None
+    num_stages: int = 3
+
+    def resolved(
+        self, batch: int, num_kv_heads: int, max_key_len: int, device: torch.device
+    ) -> "ScoreConfig":
+        """This config with `chunk` filled in for the given problem."""
+        if self.block_m < 16 or self.block_n < 16:
+            raise ValueError(f"score_paged: tl.dot needs tiles of at least 16, got {self}")
+        if self.chunk is not None:
+            if self.chunk % self.block_n != 0:
+                raise ValueError(
+                    f"score_paged: chunk={self.chunk} must be a multiple of block_n={self.block_n}"
+                )
+            return self
+        # the largest power of two in [4 * block_n, 4096] that leaves >= 3 programs per SM:
+        # batch 1 with 8 kv heads needs the split over keys to fill the GPU, while bigger
+        # chunks amortise the per-program query load and partial-stat store
+        chunk = 4 * self.block_n
+        min_programs = 3 * num_sms(device)
+        while chunk < 4096 and batch * num_kv_heads * math.ceil(max_key_len / (2 * chunk)) >= min_programs:
+            chunk *= 2
+        return replace(self, chunk=chunk)
+
+
+def score_paged(
+    queries: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    key_lens: torch.Tensor,
+    num_candidates: torch.Tensor,
+    scale: float,
+    pool_kernel: int = 1,
+    *,
+    max_num_obs: int | None = None,
+    max_key_len: int | None = None,
+    max_num_candidates: int | None = None,
+    config: ScoreConfig | None = None,
+) -> torch.Tensor:
+    """Per-kv-head attention mass that the observation queries put on each candidate key.
+
+    score[b, h, t] = sum over obs queries i of request b and query heads g of group h of
+    softmax_t(scale * q[i, g] . k[t]) with the softmax over the keys visible to query i
+    (causal: query i sits at position key_len - n_obs + i), read from the paged cache.
+
+    Args:
+        queries: [total_obs, HQ, D], post-RoPE, packed over requests. They are rounded
+            to the cache dtype (as attention does) before the product.
+        query_start_loc: [B + 1] int, request b owns queries[qsl[b]:qsl[b + 1]] (>= 1 each).
+        kv_cache: [num_blocks, HKV, BS, 2 * D] one layer's cache, bf16/fp16/fp32.
+        block_tables: [B, max_blocks_per_req] int32.
+        key_lens: [B] keys present in the cache for each request (the obs queries are
+            the last n_obs of them).
+        num_candidates: [B] keys [0, num_candidates) are scored, num_candidates <= key_len.
+        scale: softmax scale, usually head_dim ** -0.5.
+        pool_kernel: 1, or an odd k for a stride-1 max-pool over the candidate range.
+        max_num_obs / max_key_len / max_num_candidates: host-side maxima; when all three
+            are given the launcher neither syncs with the device nor validates lengths.
+        config: launch parameters (tests and benchmarks); None uses the heuristics.
+
+    Returns:
+        [B, HKV, max(num_candidates)] fp32, -inf past each request's num_candidates.
+    """
+    op = "score_paged"
+    HKV, BS, D = check_kv_cache(kv_cache, op)
+    if queries.ndim != 3 or queries.shape[2] != D or queries.shape[1] % HKV != 0:
+        raise ValueError(
+            f"{op}: queries must be [total_obs, HQ, {D}] with HQ a multiple of "
+            f"num_kv_heads={HKV}, got {list(queries.shape)}"
+        )
+    queries = queries.to(kv_cache.dtype)
+    if queries.stride(-1) != 1:
+        raise ValueError(
+            f"{op}: queries must be contiguous along head_dim, got strides {queries.stride()}"
+        )
+    if block_tables.ndim != 2 or block_tables.dtype != torch.int32:
+        raise ValueError(
+            f"{op}: block_tables must be int32 [B, max_blocks_per_req], "
+            f"got {block_tables.dtype} {list(block_tables.shape)}"
+        )
+    if block_tables.stride(-1) != 1:
+        raise ValueError(
+            f"{op}: block_tables rows must be contiguous, got strides {block_tables.stride()}"
+        )
+    B = block_tables.shape[0]
+    check_index_tensor(query_start_loc, "query_start_loc", (B + 1,), op)
+    check_index_tensor(key_lens, "key_lens", (B,), op)
+    check_index_tensor(num_candidates, "num_candidates", (B,), op)
+    check_same_device(
+        op, kv_cache, queries=queries, query_start_loc=query_start_loc,
+        block_tables=block_tables, key_lens=key_lens, num_candidates=num_candidates,
+    )
+    if pool_kernel < 1 or pool_kernel % 2 == 0:
+        raise ValueError(f"{op}: pool_kernel must be 1 (no pooling) or odd, got {pool_kernel}")
+    if None in (max_num_obs, max_key_len, max_num_candidates):
+        max_num_obs, max_key_len, max_num_candidates = _checked_maxima(
+            query_start_loc, key_lens, num_candidates, block_tables.shape[1] * BS
+        )
+
+    scores = torch.empty(B, HKV, max_num_candidates, dtype=torch.float32, device=kv_cache.device)
+    if B == 0 or max_num_candidates == 0:
+        return scores
+    G = queries.shape[1] // HKV
+    cfg = (config or ScoreConfig()).resolved(B, HKV, max_key_len, kv_cache.device)
+    BLOCK_M = min(cfg.block_m, max(16, triton.next_power_of_2(max_num_obs * G)))
+    NUM_M_TILES = triton.cdiv(max_num_obs * G, BLOCK_M)
+    num_warps = cfg.num_warps or (8 if BLOCK_M * cfg.block_n >= 128 * 64 else 4)
+    # fp32 caches (CPU tests) get an exact dot; 16-bit inputs are exact in any mode
+    dot_precision = "ieee" if kv_cache.dtype == torch.float32 else "tf32"
+    NC = triton.cdiv(max_key_len, cfg.chunk)
+    M_PAD = NUM_M_TILES * BLOCK_M
+    m_part = torch.empty(B, HKV, NC, M_PAD, dtype=torch.float32, device=kv_cache.device)
+    l_part = torch.empty_like(m_part)
+    lse = torch.empty(B, HKV, M_PAD, dtype=torch.float32, device=kv_cache.device)
+    qk_scale = scale * LOG2E
+    common = dict(
+        G=G, D=D, BS=BS, CHUNK=cfg.chunk, BLOCK_M=BLOCK_M, BLOCK_N=cfg.block_n,
+        BLOCK_D=triton.next_power_of_2(D), NUM_M_TILES=NUM_M_TILES, DOT_PRECISION=dot_precision,
+        num_warps=num_warps, num_stages=cfg.num_stages,
+    )
+    strides = dict(
+        s_qt=queries.stride(0), s_qh=queries.stride(1), s_kb=kv_cache.stride(0),
+        s_kh=kv_cache.stride(1), s_kt=kv_cache.stride(2), s_bt=block_tables.stride(0),
+    )
+    score_stats_kernel[(NC, HKV, B)](
+        q=queries, query_start_loc=query_start_loc, kv_cache=kv_cache, block_tables=block_tables,
+        key_lens=key_lens, m_part=m_part, l_part=l_part, qk_scale=qk_scale, NC=NC, HKV=HKV,
+        **strides, **common,
+    )
+    score_lse_kernel[(HKV, B)](
+        m_part=m_part, l_part=l_part, key_lens=key_lens, lse=lse, NC=NC, HKV=HKV,
+        CHUNK=cfg.chunk, M_PAD=M_PAD,
+    )
+    raw = scores if pool_kernel == 1 else torch.empty_like(scores)
+    score_kernel[(triton.cdiv(max_num_candidates, cfg.chunk), HKV, B)](
+        q=queries, query_start_loc=query_start_loc, kv_cache=kv_cache, block_tables=block_tables,
+        key_lens=key_lens, num_candidates=num_candidates, lse=lse, scores=raw, qk_scale=qk_scale,
+        s_sb=raw.stride(0), s_sh=raw.stride(1), T_OUT=max_num_candidates, HKV=HKV,
+        **strides, **common,
+    )
+    if pool_kernel > 1:
+        BLOCK_T = 1024
+        score_pool_kernel[(triton.cdiv(max_num_candidates, BLOCK_T), HKV, B)](
+            raw=raw, scores=scores, num_candidates=num_candidates, s_sb=scores.stride(0),
+            s_sh=scores.stride(1), T_OUT=max_num_candidates, POOL=pool_kernel, BLOCK_T=BLOCK_T,
+        )
+    return scores
+
+
+def _checked_maxima(
+    query_start_loc: torch.Tensor,
+    key_lens: torch.Tensor,
+    num_candidates: torch.Tensor,
+    max_keys: int,
+) -> tuple[int, int, int]:
+    """Host-side maxima and a length check, in one device sync."""
+    n_obs = (query_start_loc[1:] - query_start_loc[:-1]).long()
+    if n_obs.numel() == 0:
+        return 0, 0, 0
+    key_lens, num_candidates = key_lens.long(), num_candidates.long()
+    bad = (
+        (n_obs < 1) | (n_obs > key_lens) | (num_candidates < 0)
+        | (num_candidates > key_lens) | (key_lens > max_keys)
+    )
+    max_obs, max_len, max_cand, n_bad = torch.stack(
+        [n_obs.max(), key_lens.max(), num_candidates.max(), bad.sum()]
+    ).tolist()
+    if n_bad:
+        rows = bad.nonzero().flatten().tolist()
+        raise ValueError(
+            f"score_paged: every request needs 1 <= n_obs <= key_len, "
+            f"0 <= num_candidates <= key_len and key_len <= max_blocks_per_req * block_size "
+            f"= {max_keys}; requests {rows} break it (n_obs={n_obs[rows].tolist()}, "
+            f"key_lens={key_lens[rows].tolist()}, num_candidates={num_candidates[rows].tolist()})"
+        )
+    return max_obs, max_len, max_cand
