@@ -16,7 +16,8 @@ import tempfile
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-from provenance import ROOT, provenance
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from provenance import ROOT, provenance  # noqa: E402
 
 
 def main() -> int:
