@@ -1,5 +1,7 @@
 """Layout and dtype checks shared by the kernel launchers."""
 
+import functools
+
 import torch
 
 SUPPORTED_CACHE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -53,6 +55,7 @@ def check_same_device(op: str, ref: torch.Tensor, **tensors: torch.Tensor) -> No
             raise ValueError(f"{op}: `{name}` is on {t.device} but the KV cache is on {ref.device}")
 
 
+@functools.cache
 def num_sms(device: torch.device) -> int:
     """Streaming multiprocessors to fill; the interpreter (CPU) runs programs one by one."""
     if device.type == "cuda":

@@ -4,8 +4,10 @@
 
 For prompts of 8K, 32K and 128K tokens at batch 1 and 16 (32 query heads, 8 kv heads,
 head_dim 128, bf16, block_size 16, NHD cache, 32 soft tokens per request as in Judge Q):
-- `score_paged` on one layer: time, bytes read and written, GB/s, % of peak HBM, and the
-  time of each of its kernels (torch.profiler);
+- `score_paged` on one layer: time, bytes read and written, GB/s, % of peak HBM, the
+  time of each of its kernels (torch.profiler), the host time of one call, the time of
+  the call replayed from a CUDA graph, and the time with L2 emptied by a read instead of
+  do_bench's write (see `_bench_clean_l2`);
 - `compact_paged` down to 1,024 kept tokens per head, all layers in one launch (32 layers,
   fewer where 32 do not fit in memory);
 - `torch.topk` of 1,024 over the [B, 8, T] scores, with the sort of the kept indices;
@@ -19,7 +21,9 @@ import argparse
 import datetime
 import json
 import re
+import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -41,13 +45,14 @@ SWEEP = [
     ScoreConfig(),
     ScoreConfig(block_n=128),
     ScoreConfig(block_n=32),
-    ScoreConfig(num_warps=4),
-    ScoreConfig(num_stages=2),
+    ScoreConfig(num_warps=8),
+    ScoreConfig(num_stages=3),
     ScoreConfig(num_stages=4),
     ScoreConfig(block_m=64),
-    ScoreConfig(chunk=256),
+    ScoreConfig(chunk=512),
     ScoreConfig(chunk=1024),
     ScoreConfig(chunk=2048),
+    ScoreConfig(chunk=4096),
 ]
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -80,8 +85,16 @@ def main() -> None:
             "queries once per pass, per-chunk row stats written and read, scores written; V "
             "is never read. do_bench clears L2 before each call, but the score pass may still "
             "find in L2 keys the stats pass just read (all of them when K fits, 8K tokens), so "
-            "for small shapes GB/s is an effective figure, not pure HBM traffic. compact bytes: "
-            "moved rows read and written (rows already in place are skipped) plus the indices."
+            "for small shapes GB/s is an effective figure, not pure HBM traffic. ms and "
+            "pct_peak_hbm are eager calls timed by do_bench (the acceptance figure); graph_ms "
+            "replays the same call from a CUDA graph (no host work); host_us is the CPU time "
+            "of one eager call, which bounds back-to-back eager calls when it exceeds the GPU "
+            "time (do_bench's L2 flush, a 256 MB write, gives the host a head start of about "
+            "0.08 ms per call). That flush also leaves L2 full of dirty lines, which the call "
+            "writes back as it evicts them; clean_l2_ms empties L2 by reading 256 MB instead, "
+            "to show that share. "
+            "compact bytes: moved rows read and written (rows already in place are skipped) "
+            "plus the indices."
         ),
         "copy": bench_copy(),
         "score": [],
@@ -171,6 +184,10 @@ def bench_score(T: int, B: int, peak: float | None, cfg: ScoreConfig, profile: b
     }
     if profile:
         row["kernels_ms"] = _profile(run)
+        row["host_us"] = _host_us(run)
+        for key, t in (("graph", _bench_graph(run)), ("clean_l2", _bench_clean_l2(run))):
+            row[f"{key}_ms"] = t
+            row[f"{key}_pct_peak_hbm"] = 100 * bytes_moved / t / 1e6 / peak if peak else None
     del cache, queries
     torch.cuda.empty_cache()
     return row
@@ -209,6 +226,47 @@ def bench_topk(T: int, B: int) -> dict:
     return {"prompt_len": T, "batch": B, "k": KEPT, "topk_ms": ms_topk, "topk_sort_ms": ms_both}
 
 
+def _host_us(fn, iters: int = 100) -> float:
+    """CPU time of one call, launches queued without waiting for the GPU."""
+    fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    host = (time.perf_counter() - start) / iters * 1e6
+    torch.cuda.synchronize()
+    return host
+
+
+def _bench_graph(fn) -> float:
+    """do_bench of the call replayed from a CUDA graph: the GPU time without host work."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    # compile and warm up outside the capture
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return do_bench(graph.replay, return_mode="median")
+
+
+def _bench_clean_l2(fn, iters: int = 100) -> float:
+    """Median time of a call after L2 is emptied by reading 256 MB, which leaves it clean."""
+    flush = torch.zeros(256 << 20, dtype=torch.int8, device=DEVICE)
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
+    fn()
+    for start, end in zip(starts, ends):
+        flush.max()
+        start.record()
+        fn()
+        end.record()
+    torch.cuda.synchronize()
+    return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends))
+
+
 def _profile(fn, iters: int = 10) -> dict:
     """Device time of each kernel per call, with L2 cleared between calls as do_bench does."""
     flush = torch.empty(256 << 20, dtype=torch.int8, device=DEVICE)
@@ -234,7 +292,8 @@ def print_tables(report: dict) -> None:
     print(f"{report['device']}  peak HBM {report['peak_hbm_gbps']} GB/s  "
           f"torch copy {report['copy']['gbps']:.0f} GB/s")
     print("\nscore_paged, one layer (32 soft tokens, Llama-3.1-8B heads)")
-    print(f"{'prompt':>8} {'B':>3} {'ms':>8} {'MB':>9} {'GB/s':>7} {'%peak':>6}  kernels (ms)")
+    print(f"{'prompt':>8} {'B':>3} {'ms':>8} {'MB':>9} {'GB/s':>7} {'%peak':>6} "
+          f"{'graph':>6} {'clean':>6} {'host us':>7}  kernels (ms)")
     for r in report["score"]:
         kernels = " ".join(
             f"{k.removeprefix('score_').removesuffix('_kernel')}={v:.3f}"
@@ -242,7 +301,8 @@ def print_tables(report: dict) -> None:
             for k, v in r["kernels_ms"].items()
         )
         print(f"{r['prompt_len']:>8} {r['batch']:>3} {r['ms']:>8.3f} {r['bytes'] / 1e6:>9.1f} "
-              f"{r['gbps']:>7.0f} {_pct(r['pct_peak_hbm']):>6}  {kernels}")
+              f"{r['gbps']:>7.0f} {_pct(r['pct_peak_hbm']):>6} {_pct(r['graph_pct_peak_hbm']):>6} "
+              f"{_pct(r['clean_l2_pct_peak_hbm']):>6} {r['host_us']:>7.1f}  {kernels}")
     print(f"\ncompact_paged to {KEPT} kept tokens per head, all layers in one launch")
     print(f"{'prompt':>8} {'B':>3} {'layers':>6} {'ms':>8} {'ms/layer':>9} {'GB/s':>7} {'%peak':>6}")
     for r in report["compact"]:

@@ -5,16 +5,19 @@ row, and that denominator covers all visible keys, so the keys are read twice.
 1. `score_stats_kernel`, split-K: each program takes a chunk of one request's keys for
    one kv head and keeps, per observation row (obs query i, query head g of the group),
    an online max and sum of exp2 over the chunk.
-2. `score_lse_kernel` folds the per-chunk partials into one log-sum-exp per row.
-3. `score_kernel`, split-K over the candidate keys: exp2(logit - lse) summed over the
-   rows of the group, i.e. over obs queries and query heads.
-4. `score_pool_kernel` (pool_kernel > 1 only): max-pool over the candidate range.
+2. `score_kernel`, split-K over the candidate keys: each program first folds the per-chunk
+   partials of its rows into one log-sum-exp (they are small and in L2, and this saves a
+   launch), then sums exp2(logit - lse) over the rows of the group, i.e. over obs queries
+   and query heads.
+3. `score_pool_kernel` (pool_kernel > 1 only): max-pool over the candidate range.
 All logits are in base 2 (scaled by log2(e)) so the exponentials are exp2.
 Chunking over keys gives batch 1 with 8 kv heads enough programs to fill the GPU.
 """
 
+import functools
 import math
 from dataclasses import dataclass, replace
+from typing import NamedTuple
 
 import torch
 import triton
@@ -101,8 +104,8 @@ def score_stats_kernel(
     kv_cache,  # [num_blocks, HKV, BS, 2 * D]
     block_tables,  # [B, max_blocks_per_req]
     key_lens,  # [B]
-    m_part,  # [B, HKV, NC, M_PAD] fp32: per-chunk row max of the base-2 logits
-    l_part,  # [B, HKV, NC, M_PAD] fp32: per-chunk row sum of exp2(logit - max)
+    part,  # [B, HKV, NC, 2, M_PAD] fp32: per chunk, row max of the base-2 logits, then
+    # row sum of exp2(logit - max)
     qk_scale,
     s_qt: tl.int64,
     s_qh: tl.int64,
@@ -136,7 +139,7 @@ def score_stats_kernel(
     t_full = tl.minimum(t_end, key_len - n_obs + 1)
     t_split = t_start + tl.maximum(t_full - t_start, 0) // BLOCK_N * BLOCK_N
     p_bt = block_tables + i_b * s_bt
-    p_part = ((i_b * HKV + i_h) * NC + i_c) * (NUM_M_TILES * BLOCK_M)
+    p_part = part + ((i_b * HKV + i_h) * NC + i_c) * (2 * NUM_M_TILES * BLOCK_M)
 
     # rows past n_obs * G load zero queries and get garbage stats that the score pass ignores
     for i_m in range(NUM_M_TILES):
@@ -162,37 +165,35 @@ def score_stats_kernel(
             # b_lim < key_len for valid rows, so this also drops the keys past t_end
             b_qk = tl.where(o_t[None, :] <= b_lim[:, None], b_qk, float("-inf"))
             b_m, b_l = _online_softmax_update(b_qk, b_m, b_l, qk_scale)
-        tl.store(m_part + p_part + o_r, b_m)
-        tl.store(l_part + p_part + o_r, b_l)
+        tl.store(p_part + o_r, b_m)
+        tl.store(p_part + NUM_M_TILES * BLOCK_M + o_r, b_l)
 
 
-@triton.jit(do_not_specialize=["NC"])
-def score_lse_kernel(
-    m_part,  # [B, HKV, NC, M_PAD] fp32
-    l_part,  # [B, HKV, NC, M_PAD] fp32
-    key_lens,  # [B]
-    lse,  # [B, HKV, M_PAD] fp32: base-2 log-sum-exp of each obs row over its visible keys
-    NC,
-    HKV: tl.constexpr,
-    CHUNK: tl.constexpr,
+@triton.jit
+def _merge_lse(
+    p_part,  # [NC, 2, M_PAD] fp32 per-chunk row stats of (request, kv head)
+    o_r,
+    n_chunks,
     M_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):
-    i_h = tl.program_id(0).to(tl.int64)
-    i_b = tl.program_id(1).to(tl.int64)
-    n_chunks = tl.cdiv(tl.load(key_lens + i_b).to(tl.int64), CHUNK)
-    o_r = tl.arange(0, M_PAD)
-    p_part = (i_b * HKV + i_h) * NC * M_PAD + o_r
-    b_m = tl.full([M_PAD], float("-inf"), tl.float32)
-    b_l = tl.zeros([M_PAD], tl.float32)
-    for i_c in range(0, n_chunks):
-        b_mc = tl.load(m_part + p_part + i_c * M_PAD)
-        b_lc = tl.load(l_part + p_part + i_c * M_PAD)
-        b_m_new = tl.maximum(b_m, b_mc)
+    # base-2 log-sum-exp of rows o_r over all chunks of the request; the merge is the
+    # stable one of online softmax, BLOCK_C chunks per step so the loads go out together
+    b_m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    b_l = tl.zeros([BLOCK_M], tl.float32)
+    for c0 in range(0, n_chunks, BLOCK_C):
+        o_c = c0 + tl.arange(0, BLOCK_C)
+        m_c = (o_c < n_chunks)[:, None]
+        p_c = p_part + o_c[:, None] * (2 * M_PAD) + o_r[None, :]
+        b_mc = tl.load(p_c, mask=m_c, other=float("-inf"))
+        b_lc = tl.load(p_c + M_PAD, mask=m_c, other=0.0)
+        b_m_new = tl.maximum(b_m, tl.max(b_mc, 0))
+        # rows with no visible key so far keep m = -inf: shift by 0 so exp2 gives 0, not NaN
         b_shift = tl.where(b_m_new == float("-inf"), 0.0, b_m_new)
-        b_l = b_l * tl.exp2(b_m - b_shift) + b_lc * tl.exp2(b_mc - b_shift)
+        b_l = b_l * tl.exp2(b_m - b_shift) + tl.sum(b_lc * tl.exp2(b_mc - b_shift[None, :]), 0)
         b_m = b_m_new
-    b_shift = tl.where(b_m == float("-inf"), 0.0, b_m)
-    tl.store(lse + (i_b * HKV + i_h) * M_PAD + o_r, b_shift + tl.log2(b_l))
+    return tl.where(b_m == float("-inf"), 0.0, b_m) + tl.log2(b_l)
 
 
 @triton.jit
@@ -207,50 +208,7 @@ def _tile_mass(
     return tl.sum(tl.exp2(b_qk * qk_scale - b_lse[None, :]), 1)
 
 
-@triton.jit
-def _candidate_tile(
-    b_q0,
-    b_lse0,
-    b_lim0,
-    q,  # [total_obs, HQ, D]
-    p_lse,  # [M_PAD] lse rows of (request, kv head)
-    kv_cache,  # [num_blocks, HKV, BS, 2 * D]
-    p_bt,  # [max_blocks_per_req]
-    bos,
-    n_obs,
-    key_len,
-    i_h,
-    o_t,
-    m_t,
-    qk_scale,
-    s_qt: tl.int64,
-    s_qh: tl.int64,
-    s_kb: tl.int64,
-    s_kh: tl.int64,
-    s_kt: tl.int64,
-    G: tl.constexpr,
-    D: tl.constexpr,
-    BS: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    NUM_M_TILES: tl.constexpr,
-    MASKED: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-):
-    # the key tile is loaded once and reused by every row tile; row tile 0 comes in
-    # preloaded, the others (n_obs * G > BLOCK_M) are reloaded from L2 for each key tile
-    b_k = _load_keys(kv_cache, p_bt, i_h, o_t, m_t, s_kb, s_kh, s_kt, D, BS, BLOCK_D, MASKED)
-    b_acc = _tile_mass(b_k, b_q0, b_lse0, b_lim0, o_t, qk_scale, MASKED, DOT_PRECISION)
-    for i_m in range(1, NUM_M_TILES):
-        o_r, m_r, b_q, b_lim = _load_obs_queries(
-            q, bos, n_obs, key_len, i_h, i_m, s_qt, s_qh, G, D, BLOCK_M, BLOCK_D
-        )
-        b_lse = tl.load(p_lse + o_r, mask=m_r, other=float("inf"))
-        b_acc += _tile_mass(b_k, b_q, b_lse, b_lim, o_t, qk_scale, MASKED, DOT_PRECISION)
-    return b_acc
-
-
-@triton.jit(do_not_specialize=["s_sb", "s_sh", "T_OUT"])
+@triton.jit(do_not_specialize=["NC", "s_sb", "s_sh", "T_OUT"])
 def score_kernel(
     q,  # [total_obs, HQ, D]
     query_start_loc,  # [B + 1]
@@ -258,7 +216,7 @@ def score_kernel(
     block_tables,  # [B, max_blocks_per_req]
     key_lens,  # [B]
     num_candidates,  # [B]
-    lse,  # [B, HKV, M_PAD] fp32
+    part,  # [B, HKV, NC, 2, M_PAD] fp32, from score_stats_kernel
     scores,  # [B, HKV, T_OUT] fp32, T_OUT = max(num_candidates)
     qk_scale,
     s_qt: tl.int64,
@@ -269,6 +227,7 @@ def score_kernel(
     s_bt: tl.int64,
     s_sb: tl.int64,
     s_sh: tl.int64,
+    NC,
     T_OUT,
     HKV: tl.constexpr,
     G: tl.constexpr,
@@ -278,14 +237,16 @@ def score_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    BLOCK_C: tl.constexpr,
     NUM_M_TILES: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    # walk the chunks backwards: the stats pass read the last keys last, so they are the
-    # likeliest to still be in L2
+    # everything in the reverse order of the stats pass (programs, and key tiles within a
+    # chunk): the keys it read last are the likeliest to still be in L2. With one wave of
+    # programs (batch 1) those are the last tiles of every chunk.
     i_c = (tl.num_programs(0) - 1 - tl.program_id(0)).to(tl.int64)
-    i_h = tl.program_id(1).to(tl.int64)
-    i_b = tl.program_id(2).to(tl.int64)
+    i_h = (tl.num_programs(1) - 1 - tl.program_id(1)).to(tl.int64)
+    i_b = (tl.num_programs(2) - 1 - tl.program_id(2)).to(tl.int64)
     bos = tl.load(query_start_loc + i_b).to(tl.int64)
     n_obs = tl.load(query_start_loc + i_b + 1).to(tl.int64) - bos
     key_len = tl.load(key_lens + i_b).to(tl.int64)
@@ -299,35 +260,46 @@ def score_kernel(
     t_split = t_start + tl.maximum(t_full - t_start, 0) // BLOCK_N * BLOCK_N
     t_fill = t_start + tl.cdiv(tl.maximum(t_stop - t_start, 0), BLOCK_N) * BLOCK_N
     p_bt = block_tables + i_b * s_bt
-    p_lse = lse + (i_b * HKV + i_h) * (NUM_M_TILES * BLOCK_M)
+    p_part = part + (i_b * HKV + i_h) * NC * (2 * NUM_M_TILES * BLOCK_M)
     p_s = scores + i_b * s_sb + i_h * s_sh
 
-    # the first row tile is loaded once for the whole chunk; padding rows get lse = +inf,
-    # so exp2(logit - lse) = 0 drops them
-    o_r, m_r, b_q0, b_lim0 = _load_obs_queries(
-        q, bos, n_obs, key_len, i_h, 0, s_qt, s_qh, G, D, BLOCK_M, BLOCK_D
-    )
-    b_lse0 = tl.load(p_lse + o_r, mask=m_r, other=float("inf"))
-    for t0 in range(t_start, t_split, BLOCK_N):
-        o_t = t0 + tl.arange(0, BLOCK_N)
-        b_acc = _candidate_tile(
-            b_q0, b_lse0, b_lim0, q, p_lse, kv_cache, p_bt, bos, n_obs, key_len, i_h, o_t, None,
-            qk_scale, s_qt, s_qh, s_kb, s_kh, s_kt,
-            G, D, BS, BLOCK_M, BLOCK_D, NUM_M_TILES, False, DOT_PRECISION,
-        )
-        tl.store(p_s + o_t, b_acc)
-    for t0 in range(t_split, t_fill, BLOCK_N):
-        o_t = t0 + tl.arange(0, BLOCK_N)
-        m_t = o_t < t_stop
-        b_acc = _candidate_tile(
-            b_q0, b_lse0, b_lim0, q, p_lse, kv_cache, p_bt, bos, n_obs, key_len, i_h, o_t, m_t,
-            qk_scale, s_qt, s_qh, s_kb, s_kh, s_kt,
-            G, D, BS, BLOCK_M, BLOCK_D, NUM_M_TILES, True, DOT_PRECISION,
-        )
-        tl.store(p_s + o_t, tl.where(m_t, b_acc, float("-inf")), mask=o_t < t_end)
     for t0 in range(t_fill, t_end, BLOCK_N):
         o_t = t0 + tl.arange(0, BLOCK_N)
         tl.store(p_s + o_t, tl.full([BLOCK_N], float("-inf"), tl.float32), mask=o_t < t_end)
+    # one row tile at a time (one for n_obs * G <= BLOCK_M): its queries and lse stay in
+    # registers for the whole chunk; later tiles re-read the chunk's keys (from L2) and add
+    # to what the earlier ones stored
+    for i_m in range(NUM_M_TILES):
+        o_r, m_r, b_q, b_lim = _load_obs_queries(
+            q, bos, n_obs, key_len, i_h, i_m, s_qt, s_qh, G, D, BLOCK_M, BLOCK_D
+        )
+        b_lse = _merge_lse(
+            p_part, o_r, tl.cdiv(key_len, CHUNK), NUM_M_TILES * BLOCK_M, BLOCK_M, BLOCK_C
+        )
+        # padding rows get lse = +inf, so exp2(logit - lse) = 0 drops them
+        b_lse = tl.where(m_r, b_lse, float("inf"))
+        if NUM_M_TILES > 1:
+            # the earlier tile's stores, made by other threads, must be visible to the loads
+            tl.debug_barrier()
+        for t0 in range(t_split, t_fill, BLOCK_N):
+            o_t = t0 + tl.arange(0, BLOCK_N)
+            m_t = o_t < t_stop
+            b_k = _load_keys(
+                kv_cache, p_bt, i_h, o_t, m_t, s_kb, s_kh, s_kt, D, BS, BLOCK_D, True
+            )
+            b_acc = _tile_mass(b_k, b_q, b_lse, b_lim, o_t, qk_scale, True, DOT_PRECISION)
+            if NUM_M_TILES > 1:
+                b_acc += tl.load(p_s + o_t, mask=m_t & (i_m > 0), other=0.0)
+            tl.store(p_s + o_t, tl.where(m_t, b_acc, float("-inf")), mask=o_t < t_end)
+        for i_t in range((t_split - t_start) // BLOCK_N):
+            o_t = t_split - (i_t + 1) * BLOCK_N + tl.arange(0, BLOCK_N)
+            b_k = _load_keys(
+                kv_cache, p_bt, i_h, o_t, None, s_kb, s_kh, s_kt, D, BS, BLOCK_D, False
+            )
+            b_acc = _tile_mass(b_k, b_q, b_lse, b_lim, o_t, qk_scale, False, DOT_PRECISION)
+            if NUM_M_TILES > 1:
+                b_acc += tl.load(p_s + o_t, mask=(o_t < t_end) & (i_m > 0), other=0.0)
+            tl.store(p_s + o_t, b_acc)
 
 
 @triton.jit(do_not_specialize=["s_sb", "s_sh", "T_OUT"])
@@ -362,18 +334,19 @@ class ScoreConfig:
 
     Args:
         chunk: keys per program along the split-K axis, a multiple of `block_n`;
-            None picks the largest power of two that still gives every SM three programs.
+            None picks the power of two in [4 * block_n, 4096] with the fewest waves of
+            programs times keys per program (see `resolved`).
         block_m: most observation rows (n_obs * G) in one tile; more rows use several tiles.
         block_n: keys per tile.
-        num_warps: None picks 8 for 128x64 tiles and larger, else 4.
+        num_warps: warps per program.
         num_stages: software-pipelining depth of the key loads.
     """
 
     chunk: int | None = None
     block_m: int = 128
     block_n: int = 64
-    num_warps: int | None = None
-    num_stages: int = 3
+    num_warps: int = 4
+    num_stages: int = 2
 
     def resolved(
         self, batch: int, num_kv_heads: int, max_key_len: int, device: torch.device
@@ -387,14 +360,20 @@ class ScoreConfig:
                     f"score_paged: chunk={self.chunk} must be a multiple of block_n={self.block_n}"
                 )
             return self
-        # the largest power of two in [4 * block_n, 4096] that leaves >= 3 programs per SM:
-        # batch 1 with 8 kv heads needs the split over keys to fill the GPU, while bigger
-        # chunks amortise the per-program query load and partial-stat store
+        # two programs of the default tiles run side by side on an SM; a program costs its
+        # keys plus about four tiles' worth (query load, partial stats, pipeline fill).
+        # Batch 1 needs the split over keys to fill the GPU; one full wave beats a ragged
+        # second one. On H100 this picks the measured best chunk at 8K-128K, batch 1 and 16.
+        slots = 2 * num_sms(device)
+        best, best_cost = None, None
         chunk = 4 * self.block_n
-        min_programs = 3 * num_sms(device)
-        while chunk < 4096 and batch * num_kv_heads * math.ceil(max_key_len / (2 * chunk)) >= min_programs:
+        while chunk <= 4096:
+            programs = batch * num_kv_heads * math.ceil(max_key_len / chunk)
+            cost = math.ceil(programs / slots) * (chunk + 4 * self.block_n)
+            if best_cost is None or cost <= best_cost:
+                best, best_cost = chunk, cost
             chunk *= 2
-        return replace(self, chunk=chunk)
+        return replace(self, chunk=best)
 
 
 def score_paged(
@@ -472,46 +451,31 @@ def score_paged(
             query_start_loc, key_lens, num_candidates, block_tables.shape[1] * BS
         )
 
-    scores = torch.empty(B, HKV, max_num_candidates, dtype=torch.float32, device=kv_cache.device)
+    device = kv_cache.device
+    scores = torch.empty(B, HKV, max_num_candidates, dtype=torch.float32, device=device)
     if B == 0 or max_num_candidates == 0:
         return scores
-    G = queries.shape[1] // HKV
-    cfg = (config or ScoreConfig()).resolved(B, HKV, max_key_len, kv_cache.device)
-    BLOCK_M = min(cfg.block_m, max(16, triton.next_power_of_2(max_num_obs * G)))
-    NUM_M_TILES = triton.cdiv(max_num_obs * G, BLOCK_M)
-    num_warps = cfg.num_warps or (8 if BLOCK_M * cfg.block_n >= 128 * 64 else 4)
-    # fp32 caches (CPU tests) get an exact dot; 16-bit inputs are exact in any mode
-    dot_precision = "ieee" if kv_cache.dtype == torch.float32 else "tf32"
-    NC = triton.cdiv(max_key_len, cfg.chunk)
-    M_PAD = NUM_M_TILES * BLOCK_M
-    m_part = torch.empty(B, HKV, NC, M_PAD, dtype=torch.float32, device=kv_cache.device)
-    l_part = torch.empty_like(m_part)
-    lse = torch.empty(B, HKV, M_PAD, dtype=torch.float32, device=kv_cache.device)
+    plan = _launch_plan(
+        config or ScoreConfig(), B, HKV, queries.shape[1] // HKV, D, BS, max_num_obs,
+        max_key_len, max_num_candidates, kv_cache.dtype, device,
+    )
+    # the per-chunk row stats live only between the two launches
+    part = torch.empty(plan.part_numel, dtype=torch.float32, device=device)
     qk_scale = scale * LOG2E
-    common = dict(
-        G=G, D=D, BS=BS, CHUNK=cfg.chunk, BLOCK_M=BLOCK_M, BLOCK_N=cfg.block_n,
-        BLOCK_D=triton.next_power_of_2(D), NUM_M_TILES=NUM_M_TILES, DOT_PRECISION=dot_precision,
-        num_warps=num_warps, num_stages=cfg.num_stages,
-    )
-    strides = dict(
-        s_qt=queries.stride(0), s_qh=queries.stride(1), s_kb=kv_cache.stride(0),
-        s_kh=kv_cache.stride(1), s_kt=kv_cache.stride(2), s_bt=block_tables.stride(0),
-    )
-    score_stats_kernel[(NC, HKV, B)](
+    s_qt, s_qh, _ = queries.stride()
+    s_kb, s_kh, s_kt, _ = kv_cache.stride()
+    strides = dict(s_qt=s_qt, s_qh=s_qh, s_kb=s_kb, s_kh=s_kh, s_kt=s_kt, s_bt=block_tables.stride(0))
+    score_stats_kernel[plan.stats_grid](
         q=queries, query_start_loc=query_start_loc, kv_cache=kv_cache, block_tables=block_tables,
-        key_lens=key_lens, m_part=m_part, l_part=l_part, qk_scale=qk_scale, NC=NC, HKV=HKV,
-        **strides, **common,
-    )
-    score_lse_kernel[(HKV, B)](
-        m_part=m_part, l_part=l_part, key_lens=key_lens, lse=lse, NC=NC, HKV=HKV,
-        CHUNK=cfg.chunk, M_PAD=M_PAD,
+        key_lens=key_lens, part=part, qk_scale=qk_scale, NC=plan.num_chunks, HKV=HKV,
+        **strides, **plan.meta,
     )
     raw = scores if pool_kernel == 1 else torch.empty_like(scores)
-    score_kernel[(triton.cdiv(max_num_candidates, cfg.chunk), HKV, B)](
+    score_kernel[plan.score_grid](
         q=queries, query_start_loc=query_start_loc, kv_cache=kv_cache, block_tables=block_tables,
-        key_lens=key_lens, num_candidates=num_candidates, lse=lse, scores=raw, qk_scale=qk_scale,
-        s_sb=raw.stride(0), s_sh=raw.stride(1), T_OUT=max_num_candidates, HKV=HKV,
-        **strides, **common,
+        key_lens=key_lens, num_candidates=num_candidates, part=part, scores=raw,
+        qk_scale=qk_scale, s_sb=raw.stride(0), s_sh=raw.stride(1), NC=plan.num_chunks,
+        T_OUT=max_num_candidates, HKV=HKV, BLOCK_C=plan.block_c, **strides, **plan.meta,
     )
     if pool_kernel > 1:
         BLOCK_T = 1024
@@ -520,6 +484,54 @@ def score_paged(
             s_sh=scores.stride(1), T_OUT=max_num_candidates, POOL=pool_kernel, BLOCK_T=BLOCK_T,
         )
     return scores
+
+
+class _LaunchPlan(NamedTuple):
+    num_chunks: int
+    part_numel: int
+    block_c: int
+    stats_grid: tuple[int, int, int]
+    score_grid: tuple[int, int, int]
+    meta: dict
+
+
+@functools.lru_cache(maxsize=256)
+def _launch_plan(
+    config: ScoreConfig,
+    B: int,
+    HKV: int,
+    G: int,
+    D: int,
+    BS: int,
+    max_num_obs: int,
+    max_key_len: int,
+    max_num_candidates: int,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> _LaunchPlan:
+    """Grids, tile sizes and workspace size of one problem; cached, since the engine calls
+    with the same shapes for every layer and the launcher's host time counts at batch 1."""
+    cfg = config.resolved(B, HKV, max_key_len, device)
+    BLOCK_M = min(cfg.block_m, max(16, triton.next_power_of_2(max_num_obs * G)))
+    NUM_M_TILES = triton.cdiv(max_num_obs * G, BLOCK_M)
+    NC = triton.cdiv(max_key_len, cfg.chunk)
+    meta = dict(
+        G=G, D=D, BS=BS, CHUNK=cfg.chunk, BLOCK_M=BLOCK_M, BLOCK_N=cfg.block_n,
+        BLOCK_D=triton.next_power_of_2(D), NUM_M_TILES=NUM_M_TILES,
+        # fp32 caches (CPU tests) get an exact dot; 16-bit inputs are exact in any mode
+        DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+    )
+    return _LaunchPlan(
+        num_chunks=NC,
+        part_numel=B * HKV * NC * 2 * NUM_M_TILES * BLOCK_M,
+        # the score pass merges up to 32 chunks' partials per load
+        block_c=min(32, triton.next_power_of_2(NC)),
+        stats_grid=(NC, HKV, B),
+        score_grid=(triton.cdiv(max_num_candidates, cfg.chunk), HKV, B),
+        meta=meta,
+    )
 
 
 def _checked_maxima(
