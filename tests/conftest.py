@@ -1,7 +1,16 @@
 """Shared fixtures: the real SmolLM2-135M-Instruct weights (prepared once per machine)."""
 
+import os
+
 import pytest
 import torch
+
+# Triton picks interpreter or compiler when `triton.language` is first imported (its own
+# @jit helpers such as tl.zeros are built then), and test modules of other folders import
+# it indirectly (transformers, accelerate) during collection. So the choice is made here,
+# in the first conftest pytest loads: no CUDA, interpreter.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session")
