@@ -41,6 +41,7 @@ setup(
     },
     entry_points={
         "console_scripts": ["judgeq-vllm=judgeq_vllm.cli:main"],
+        "vllm.general_plugins": ["judgeq = judgeq_vllm.vllm_adapter.plugin:register"],
     },
     classifiers=[
         "Programming Language :: Python :: 3.11",

@@ -1,18 +1,16 @@
 """``judgeq-vllm demo``: a needle in a haystack, answered with every policy's compressed KV.
 
-Runs the embedded default model (SmolLM2-135M-Instruct, real weights from the offline
-assets) with the HF reference implementation: prefill a ~2K-token prompt, evict down to
-the budget, decode greedily, and report what each policy kept and freed next to the
-full-KV answer. (The vLLM engine path replaces the reference here once it lands.)
+Serves the embedded default model (SmolLM2-135M-Instruct, real weights from the offline
+assets) through vLLM with each eviction policy: prefill a ~2K-token prompt, evict down
+to the budget inside the engine, decode greedily, and report what each request kept and
+how many KV blocks the engine returned to its pool, next to the full-KV answer.
 """
 
 from __future__ import annotations
 
 import argparse
-import time
+import tempfile
 from pathlib import Path
-
-import torch
 
 from .policies import POLICIES, KVBudget, make_policy
 
@@ -48,55 +46,56 @@ def build_haystack_prompt(tokenizer, context_tokens: int, depth: float) -> list[
     return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
 
 
-def _soft_tokens(model, path: str | None):
+def _soft_token_artifact(model_dir: Path, path: str | None, scratch: Path) -> tuple[str, str]:
+    """The Judge Q artifact to use and whether it is trained; an untrained one if none."""
     from .soft_tokens import SoftTokens, init_soft_tokens
 
-    if path is None and not DEFAULT_ARTIFACT.is_file():
-        return init_soft_tokens(model, "SmolLM2-135M-Instruct", n_soft=32), "untrained"
-    soft = SoftTokens.load(path or DEFAULT_ARTIFACT)
-    return soft, "trained" if soft.training.get("trained") else "untrained"
+    if path is None and DEFAULT_ARTIFACT.is_file():
+        path = str(DEFAULT_ARTIFACT)
+    if path is not None:
+        return path, "trained" if SoftTokens.load(path).training.get("trained") else "untrained"
+    from .reference import load_reference_model
+
+    untrained = scratch / "untrained.judgeq.safetensors"
+    init_soft_tokens(load_reference_model(str(model_dir)), "SmolLM2-135M-Instruct", n_soft=32).save(untrained)
+    return str(untrained), "untrained"
 
 
 def run_demo(args: argparse.Namespace) -> int:
     from transformers import AutoTokenizer
 
     from .assets.smollm2 import smollm2_path
-    from .reference import generate, load_reference_model
+    from .vllm_adapter.config import UNSUPPORTED_POLICIES
+    from .vllm_adapter.demo import run_engine_demo
 
     budget = KVBudget.parse(args.budget)
     names = [name.strip() for name in args.policies.split(",") if name.strip()]
     for name in names:
         if name not in POLICIES:
             make_policy(name)  # raises the clear unknown-policy error
+    skipped = [name for name in names if name in UNSUPPORTED_POLICIES]
+    names = [name for name in names if name not in UNSUPPORTED_POLICIES]
 
     model_dir = smollm2_path()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = load_reference_model(str(model_dir), dtype=torch.float32)
-    config = model.config
     prompt = build_haystack_prompt(tokenizer, args.context_tokens, args.depth)
-    bytes_per_token = 2 * config.num_key_value_heads * config.head_dim * config.num_hidden_layers * 4
-    print("model: SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized; fp32 on CPU), HF reference path")
-    print(f"prompt: {len(prompt)} tokens, needle at depth {args.depth:.0%}; budget: {budget}\n")
-
-    rows = []
-    start = time.monotonic()
-    full = generate(model, prompt, make_policy("streamingllm"), KVBudget(tokens=len(prompt)), args.max_new_tokens)
-    rows.append(("full KV", len(prompt), 0, full, time.monotonic() - start))
-    soft, soft_state = (_soft_tokens(model, args.soft_tokens) if "judgeq" in names else (None, ""))
-    for name in names:
-        policy = make_policy(name, soft_tokens=soft) if name == "judgeq" else make_policy(name)
-        label = f"judgeq ({soft_state})" if name == "judgeq" else name
-        start = time.monotonic()
-        result = generate(model, prompt, policy, budget, args.max_new_tokens)
-        kept = max(result.cache_lengths)
-        rows.append((label, kept, len(prompt) - kept, result, time.monotonic() - start))
-
-    print(f"{'policy':<22} {'kept/head':>9} {'freed/head':>10} {'freed MiB':>9} {'needle':>6} {'s':>5}  answer")
-    for label, kept, freed, result, seconds in rows:
-        answer = tokenizer.decode(result.token_ids, skip_special_tokens=True).strip().replace("\n", " ")
-        found = "yes" if NEEDLE_ANSWER in answer.lower() else "no"
-        print(
-            f"{label:<22} {kept:>9} {freed:>10} {freed * bytes_per_token / 2**20:>9.1f} {found:>6} {seconds:>5.1f}  {answer[:70]}"
+    print("model: SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized), fp32, vLLM", end=" ")
+    print(f"(CPU engine, block size 16); prompt {len(prompt)} tokens, needle at depth {args.depth:.0%}; budget {budget}")
+    for name in skipped:
+        print(f"skipping {name}: {UNSUPPORTED_POLICIES[name]}")
+    with tempfile.TemporaryDirectory() as scratch:
+        artifact, state = (None, "")
+        if "judgeq" in names:
+            artifact, state = _soft_token_artifact(model_dir, args.soft_tokens, Path(scratch))
+            print(f"judgeq soft tokens: {state} ({artifact if args.soft_tokens or state == 'trained' else 'random embedding rows'})")
+        print()
+        rows = run_engine_demo(
+            str(model_dir), prompt, names, args.budget, soft_tokens=artifact,
+            max_new_tokens=args.max_new_tokens, print_fn=None,
         )
-    print("\nfreed = prompt KV entries dropped per (layer, kv head); MiB over all layers at fp32.")
+    from .vllm_adapter.demo import format_rows
+
+    print(format_rows(rows))
+    found = {row.policy: NEEDLE_ANSWER in row.answer.lower() for row in rows}
+    print("needle found: " + ", ".join(f"{name} {'yes' if ok else 'no'}" for name, ok in found.items()))
     return 0

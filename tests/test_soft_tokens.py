@@ -1,6 +1,5 @@
 """The soft-token artifact format and its model check."""
 
-import json
 
 import pytest
 import torch

@@ -1,0 +1,187 @@
+"""``EvictionConfig``: the one home of the engine's eviction settings and their checks.
+
+It travels inside ``VllmConfig.additional_config["judgeq"]`` (hashable, reaches the
+front end, EngineCore and every worker), is filled from the CLI flags by the plugin or
+by :func:`llm_kwargs` for ``LLM(...)``, and is validated once in the front end, before
+any engine process starts, so a misconfiguration fails fast with a message naming the fix.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import torch
+
+from ..policies import POLICIES, EvictionPolicy, KVBudget, make_policy
+from ..soft_tokens import SoftTokens, checkpoint_fingerprint
+
+CONFIG_KEY = "judgeq"
+NO_EVICTION = "none"
+# PyramidKV keeps a different count per layer, which needs per-layer slot mappings and
+# attention metadata in the runner (docs/engine-design.md step 8): not built yet.
+UNSUPPORTED_POLICIES = {"pyramidkv": "per-layer budgets are not implemented on the vLLM path yet"}
+# policy knobs that have their own CLI flag: flag dest -> policy field
+KNOB_FLAGS = {"kv_window": "window", "kv_pool_kernel": "pool_kernel", "kv_sinks": "sinks", "kv_beta": "beta"}
+# stands in for Judge Q's artifact while only the knobs are checked
+_PLACEHOLDER_SOFT_TOKENS = SoftTokens(torch.zeros(1, 1), "placeholder", "placeholder")
+
+
+@dataclass(frozen=True)
+class EvictionConfig:
+    """Validated eviction settings of one engine.
+
+    Attributes:
+        policy: policy name (a key of ``judgeq_vllm.policies.POLICIES``).
+        budget: tokens (or ratio) kept per request, per (layer, kv head).
+        soft_tokens: path of the Judge Q artifact (``judgeq`` only).
+        knobs: the policy's hyperparameters that differ from its defaults.
+    """
+
+    policy: str
+    budget: KVBudget
+    soft_tokens: str | None = None
+    knobs: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_additional_config(cls, additional_config: Mapping[str, Any] | None) -> "EvictionConfig | None":
+        """The config carried by ``additional_config``, or ``None`` when eviction is off.
+
+        Raises:
+            ValueError: unknown policy, missing or bad budget, or a knob the policy lacks.
+        """
+        section = (additional_config or {}).get(CONFIG_KEY) or {}
+        name = section.get("kv_eviction")
+        if name in (None, NO_EVICTION):
+            return None
+        if name not in POLICIES:
+            raise ValueError(f"--kv-eviction {name!r} is not a policy; choose one of: none, {', '.join(sorted(POLICIES))}")
+        if name in UNSUPPORTED_POLICIES:
+            raise ValueError(
+                f"--kv-eviction {name}: {UNSUPPORTED_POLICIES[name]}; use the HF reference "
+                f"(judgeq_vllm.reference) for it, or a uniform policy such as snapkv"
+            )
+        if section.get("kv_budget") is None:
+            raise ValueError(f"--kv-eviction {name} needs --kv-budget (tokens per head, e.g. 256, or a ratio, e.g. 0.75)")
+        config = cls(
+            policy=name,
+            budget=KVBudget.parse(section["kv_budget"]),
+            soft_tokens=section.get("soft_tokens"),
+            knobs=dict(section.get("knobs") or {}),
+        )
+        config.build_policy(load_soft_tokens=False)  # unknown knobs / bad values fail here
+        return config
+
+    def to_additional_config(self) -> dict[str, Any]:
+        budget = self.budget.tokens if self.budget.tokens is not None else self.budget.ratio
+        return {"kv_eviction": self.policy, "kv_budget": budget, "soft_tokens": self.soft_tokens, "knobs": dict(self.knobs)}
+
+    def load_soft_tokens(self) -> SoftTokens | None:
+        """The Judge Q artifact (``None`` for other policies).
+
+        Raises:
+            SoftTokenArtifactError: missing, unreadable, or not an artifact.
+            ValueError: ``judgeq`` without an artifact path.
+        """
+        if self.policy != "judgeq":
+            return None
+        if not self.soft_tokens:
+            raise ValueError(
+                "--kv-eviction judgeq needs --judgeq-soft-tokens PATH: train an artifact with "
+                "`judgeq-vllm train`, or use a query-window policy such as `--kv-eviction snapkv`"
+            )
+        return SoftTokens.load(self.soft_tokens)
+
+    def build_policy(self, load_soft_tokens: bool = True) -> EvictionPolicy:
+        """The policy object; without ``load_soft_tokens`` a placeholder artifact stands in
+        for Judge Q's, so knobs can be checked before the file is read."""
+        knobs = dict(self.knobs)
+        if self.policy == "judgeq":
+            knobs["soft_tokens"] = self.load_soft_tokens() if load_soft_tokens else _PLACEHOLDER_SOFT_TOKENS
+        return make_policy(self.policy, **knobs)
+
+
+def llm_kwargs(
+    kv_eviction: str,
+    kv_budget: int | float | str | None = None,
+    soft_tokens: str | None = None,
+    **knobs: Any,
+) -> dict[str, Any]:
+    """Keyword arguments that turn eviction on for ``vllm.LLM``.
+
+    ``LLM(model, kv_eviction=...)`` cannot work (``EngineArgs`` is a dataclass and rejects
+    unknown fields before any plugin loads), so the settings ride in ``additional_config``::
+
+        LLM(model, enforce_eager=True, **llm_kwargs("snapkv", 256, window=16))
+    """
+    section = {"kv_eviction": kv_eviction, "kv_budget": kv_budget, "soft_tokens": soft_tokens, "knobs": knobs}
+    return {"additional_config": {CONFIG_KEY: section}}
+
+
+def validate_engine(config: EvictionConfig, vllm_config: Any) -> None:
+    """Start-up checks of the model and the engine features against eviction.
+
+    Raises:
+        ValueError: naming what is unsupported and how to fix it.
+        SoftTokenArtifactError: Judge Q artifact missing, unreadable, or for another model.
+    """
+    model_config = vllm_config.model_config
+    _check_model(model_config)
+    _check_engine_features(vllm_config)
+    policy = config.build_policy()
+    soft = getattr(policy, "soft_tokens", None)
+    if soft is not None:
+        soft.check_model(model_config.model, checkpoint_fingerprint(model_config.model))
+        if soft.hidden_size != model_config.get_hidden_size():
+            raise ValueError(
+                f"soft-token artifact has hidden size {soft.hidden_size}, model {model_config.model!r} "
+                f"has {model_config.get_hidden_size()}; train an artifact for this model with `judgeq-vllm train`"
+            )
+    needed = policy.num_observations + 1
+    if vllm_config.scheduler_config.max_num_batched_tokens < needed:
+        raise ValueError(
+            f"--max-num-batched-tokens {vllm_config.scheduler_config.max_num_batched_tokens} is too small for "
+            f"{config.policy}: the prefill chunk that ends the prompt holds its {policy.num_observations} "
+            f"observation tokens plus the last prompt token; use at least {needed}"
+        )
+
+
+def _check_model(model_config: Any) -> None:
+    hf = model_config.hf_text_config
+    reasons = []
+    if model_config.is_encoder_decoder:
+        reasons.append("it is an encoder-decoder model")
+    if model_config.is_multimodal_model:
+        reasons.append("it is multimodal")
+    if model_config.use_mla:
+        reasons.append("it uses MLA attention")
+    if model_config.is_hybrid or getattr(hf, "attention_chunk_size", None):
+        reasons.append("it has non-attention or chunked-attention layers")
+    if model_config.get_sliding_window() is not None:
+        reasons.append("it uses sliding-window attention")
+    layer_types = set(getattr(hf, "layer_types", None) or ["full_attention"])
+    if layer_types != {"full_attention"}:
+        reasons.append(f"its layers are not all full attention ({', '.join(sorted(layer_types))})")
+    if reasons:
+        raise ValueError(
+            f"--kv-eviction needs a decoder-only model whose layers are all full attention "
+            f"(Llama, Mistral, Qwen2/3); {model_config.model!r} is refused because {'; '.join(reasons)}. "
+            f"Run it with --kv-eviction none"
+        )
+
+
+def _check_engine_features(vllm_config: Any) -> None:
+    unsupported = {
+        "speculative decoding": vllm_config.speculative_config is not None,
+        "pipeline parallelism": vllm_config.parallel_config.pipeline_parallel_size > 1,
+        "tensor parallelism (untested)": vllm_config.parallel_config.tensor_parallel_size > 1,
+        "decode context parallelism": vllm_config.parallel_config.decode_context_parallel_size > 1,
+        "KV-cache connectors": vllm_config.kv_transfer_config is not None,
+        "prompt embeddings (--enable-prompt-embeds)": vllm_config.model_config.enable_prompt_embeds,
+        "--kv-sharing-fast-prefill": vllm_config.cache_config.kv_sharing_fast_prefill,
+        "quantized KV cache (--kv-cache-dtype)": vllm_config.cache_config.cache_dtype not in ("auto", None),
+        "compiled execution (add --enforce-eager)": not vllm_config.model_config.enforce_eager,
+    }
+    refused = [name for name, on in unsupported.items() if on]
+    if refused:
+        raise ValueError(f"--kv-eviction does not support {', '.join(refused)}; turn it off, or use --kv-eviction none")

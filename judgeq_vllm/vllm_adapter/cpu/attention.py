@@ -1,0 +1,122 @@
+"""CPU_ATTN with eviction: a compacted request's attention view, and the compaction itself.
+
+Installed over vLLM's ``CPU_ATTN`` only by the eviction worker (the CPU platform ignores
+``--attention-backend`` and always returns ``CPU_ATTN``'s class). With no eviction work in
+the step (``current_step() is None``) every method is vLLM's own.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from vllm.model_executor.models.utils import extract_layer_index
+from vllm.v1.attention.backends.cpu_attn import (
+    CPUAttentionBackend,
+    CPUAttentionBackendImpl,
+    CPUAttentionMetadata,
+    CPUAttentionMetadataBuilder,
+)
+
+from ...policies import ScoreInputs
+from ..step import CompactionJob, EvictionStep, current_step
+from .kv_layout import packed_tile_layout, read_rows, split_kv_cache, write_rows
+
+
+class EvictionCPUMetadataBuilder(CPUAttentionMetadataBuilder):
+    """Gives compacted requests their physical view: shorter sequence, shifted block row."""
+
+    def build(self, common_prefix_len: int, common_attn_metadata, fast_build: bool = False) -> CPUAttentionMetadata:
+        step = current_step()
+        if step is None or not step.shifted_rows:
+            return super().build(common_prefix_len, common_attn_metadata, fast_build)
+        common = common_attn_metadata
+        # copies: block_table_tensor is the runner's master table on CPU
+        seq_lens = common.seq_lens.clone()
+        block_table = common.block_table_tensor.clone()
+        width = block_table.shape[1]
+        for shifted in step.shifted_rows:
+            seq_lens[shifted.row] -= shifted.evicted_len
+            block_table[shifted.row, : width - shifted.first_block] = common.block_table_tensor[shifted.row, shifted.first_block :]
+        common = dataclasses.replace(common, seq_lens=seq_lens, block_table_tensor=block_table)
+        return super().build(common_prefix_len, common, fast_build)
+
+
+class EvictionCPUAttentionImpl(CPUAttentionBackendImpl):
+    """After a layer's attention, compacts the prompts that end in this step."""
+
+    def forward(
+        self,
+        layer,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        kv_cache: torch.Tensor,
+        attn_metadata: CPUAttentionMetadata | None,
+        output: torch.Tensor,
+        output_scale: torch.Tensor | None = None,
+        output_block_scale: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        output = super().forward(
+            layer, query, key, value, kv_cache, attn_metadata, output, output_scale, output_block_scale
+        )
+        step = current_step()
+        # attn_metadata is None during warm-up; the step's KV is already in the cache and
+        # no later token of these requests has passed this layer yet
+        if attn_metadata is not None and step is not None and step.jobs:
+            layer_idx = extract_layer_index(layer.layer_name)
+            for job in step.jobs:
+                self._compact(job, step, layer, layer_idx, query, kv_cache, attn_metadata)
+        return output
+
+    def _compact(
+        self,
+        job: CompactionJob,
+        step: EvictionStep,
+        layer,
+        layer_idx: int,
+        query: torch.Tensor,
+        kv_cache: torch.Tensor,
+        attn_metadata: CPUAttentionMetadata,
+    ) -> None:
+        plan = job.plan
+        key_cache, value_cache = split_kv_cache(kv_cache)
+        block_size, head_dim = kv_cache.shape[2], key_cache.shape[-1]
+        layout = packed_tile_layout(self.isa, kv_cache.dtype, block_size, head_dim)
+        keys = read_rows(key_cache, job.block_ids, plan.total_len, layout.key_map)
+        query_end = int(attn_metadata.query_start_loc[job.row + 1])
+        inputs = ScoreInputs(
+            queries=query[query_end - plan.num_observations : query_end],
+            keys=keys,
+            num_candidates=plan.prompt_len,
+            scale=self.scale,
+            layer_idx=layer_idx,
+            num_layers=step.num_layers,
+        )
+        kept = step.policy.select(inputs, plan.budget_keep)  # [num_kv_heads, k]
+        assert kept.shape[1] == plan.keep, f"layer {layer_idx} kept {kept.shape[1]} rows, the plan {plan.keep}"
+        if step.recorder is not None:
+            step.recorder.record(job.req_id, layer_idx, kept)
+        values = read_rows(value_cache, job.block_ids, plan.total_len, layout.value_map)
+        index = kept[:, :, None].expand(-1, -1, head_dim)
+        # gathered copies, [k, num_kv_heads, head_dim]: sources and destinations overlap
+        kept_keys = keys.gather(1, index).transpose(0, 1).contiguous()
+        kept_values = values.gather(1, index).transpose(0, 1).contiguous()
+        logical = plan.first_kept_slot + torch.arange(plan.keep)
+        slots = job.block_ids[logical // block_size] * block_size + logical % block_size
+        write_rows(
+            kept_keys, kept_values, key_cache, value_cache, slots, self.isa,
+            layer._k_scale_float, layer._v_scale_float, self.kv_cache_dtype,
+        )
+
+
+class EvictionCPUAttentionBackend(CPUAttentionBackend):
+    """``CPU_ATTN`` (same name, same KV layout) with the two classes above."""
+
+    @staticmethod
+    def get_impl_cls() -> type[CPUAttentionBackendImpl]:
+        return EvictionCPUAttentionImpl
+
+    @staticmethod
+    def get_builder_cls() -> type[CPUAttentionMetadataBuilder]:
+        return EvictionCPUMetadataBuilder

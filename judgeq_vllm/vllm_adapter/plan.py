@@ -1,0 +1,108 @@
+"""The per-request eviction plan: one formula sheet shared by the scheduler and the workers.
+
+NOTE on the model (docs/engine-design.md §2). vLLM keeps counting a request as if nothing
+were evicted: with ``P`` prompt tokens and ``n`` soft tokens appended by the scheduler,
+its prompt length is ``L' = P + n`` and every later token ``p >= L'`` keeps its vLLM
+position. Physically, the step whose prefill chunk ends at ``L'`` (the *compaction step*)
+scores the prompt and moves every (layer, kv head)'s ``k`` kept rows to logical slots
+``[S, S + k)`` of the request's own blocks, ``S`` block aligned; the head blocks
+``[0, S / bs)`` then hold nothing the request reads and go back to the pool. After that
+step, a token at vLLM position ``p >= L'`` is computed at RoPE position ``p - n``, its KV
+goes to logical slot ``p - delta`` and attention reads ``k + (p - L' + 1)`` rows starting
+at block ``S / bs``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..policies import EvictionPolicy, KVBudget, ObservationSource
+
+
+@dataclass(frozen=True)
+class EvictionPlan:
+    """What happens to one request; decided once, when the scheduler admits it.
+
+    Attributes:
+        prompt_len: ``P``, the user's prompt tokens (the eviction candidates).
+        num_soft: ``n``, soft tokens appended after the prompt (Judge Q), else 0.
+        num_observations: queries the policy scores with: the soft tokens, or the last
+            ``min(window, P)`` prompt tokens, or none.
+        budget_keep: the request's budget in tokens per head (``KVBudget.keep_count(P)``),
+            what ``EvictionPolicy.select`` is called with.
+        keep: ``k``, rows kept per (layer, kv head) in the cache; the largest layer's
+            count (all layers keep the same number for uniform policies).
+        block_size: KV-cache block size.
+    """
+
+    prompt_len: int
+    num_soft: int
+    num_observations: int
+    budget_keep: int
+    keep: int
+    block_size: int
+
+    @property
+    def total_len(self) -> int:
+        """``L'``: vLLM's prompt length, soft tokens included."""
+        return self.prompt_len + self.num_soft
+
+    @property
+    def first_kept_slot(self) -> int:
+        """``S``: logical slot of the first kept row, block aligned."""
+        return (self.total_len - self.keep) // self.block_size * self.block_size
+
+    @property
+    def slot_shift(self) -> int:
+        """``delta``: a token at vLLM position ``p >= L'`` is stored at logical slot ``p - delta``."""
+        return self.total_len - self.first_kept_slot - self.keep
+
+    @property
+    def freed_blocks(self) -> int:
+        """Head blocks returned to the pool after the compaction step."""
+        return self.first_kept_slot // self.block_size
+
+    @property
+    def evicted_len(self) -> int:
+        """``L' - k``: how many fewer rows attention reads after the compaction step."""
+        return self.total_len - self.keep
+
+    @property
+    def last_chunk_start(self) -> int:
+        """The chunk that ends the prompt must start at or before this position: it holds the
+        last real prompt token (for the first sampled token) and every observation query."""
+        return self.total_len - self.num_observations - 1
+
+    @property
+    def prefix_hit_cap(self) -> int:
+        """Longest prefix-cache hit allowed: it must leave the destination blocks private
+        and the observation span to be recomputed (its queries are scored)."""
+        return min(self.first_kept_slot, max(self.last_chunk_start, 0) // self.block_size * self.block_size)
+
+
+def observation_count(policy: EvictionPolicy, prompt_len: int) -> int:
+    """Observation queries the policy scores a prompt of ``prompt_len`` tokens with."""
+    if policy.observation_source == ObservationSource.PROMPT_WINDOW:
+        return min(policy.num_observations, prompt_len)
+    if policy.observation_source == ObservationSource.SOFT_TOKENS:
+        return policy.num_observations
+    return 0
+
+
+def plan_request(
+    prompt_len: int, policy: EvictionPolicy, budget: KVBudget, block_size: int, num_layers: int
+) -> EvictionPlan | None:
+    """The plan for a prompt of ``prompt_len`` tokens, or ``None`` when it fits the budget."""
+    if not budget.evicts(prompt_len):
+        return None
+    budget_keep = budget.keep_count(prompt_len)
+    keep = max(policy.layer_keep_count(budget_keep, prompt_len, layer, num_layers) for layer in range(num_layers))
+    num_soft = policy.num_observations if policy.observation_source == ObservationSource.SOFT_TOKENS else 0
+    return EvictionPlan(
+        prompt_len=prompt_len,
+        num_soft=num_soft,
+        num_observations=observation_count(policy, prompt_len),
+        budget_keep=budget_keep,
+        keep=keep,
+        block_size=block_size,
+    )

@@ -1,0 +1,228 @@
+"""The EngineCore side: soft tokens, chunk boundaries, the plan, and block freeing.
+
+NOTE on the schedule of one evicting request (docs/engine-design.md steps 2 and 5):
+
+1. ``add_request`` makes the plan (deterministic: prompt length, budget, policy, block
+   size) and, for Judge Q, appends the soft-token ids ``vocab + j`` to the prompt. They
+   exist only here and in the worker: the front end keeps its own prompt list, so they
+   are never returned to clients nor counted in usage.
+2. Chunked prefill is steered through vLLM's per-request chunk hook
+   (``_mamba_block_aligned_split``): the chunk that ends the prompt contains the last
+   real prompt token and every observation query, and no chunk runs past ``L'``.
+3. ``_update_after_schedule`` tags the step whose chunk ends at ``L'`` with a
+   compaction job, and every later step of the request with its plan, on the
+   ``SchedulerOutput`` (``judgeq_jobs`` / ``judgeq_compacted``).
+4. ``update_from_output`` runs after that step has executed, so the head blocks it
+   emptied go back to the pool there.
+
+Preemption frees everything and restarts the request from position 0; the same rules
+re-run compaction on resume.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from vllm.logger import init_logger
+from vllm.v1.core.kv_cache_manager import KVCacheManager
+from vllm.v1.core.sched.output import SchedulerOutput
+from vllm.v1.core.sched.scheduler import Scheduler
+from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
+from vllm.v1.engine.core import EngineCore
+from vllm.v1.kv_cache_interface import FullAttentionSpec
+from vllm.v1.request import Request
+
+from .config import EvictionConfig
+from .kv_manager import EvictionFullAttentionManager, EvictionKVCacheManager
+from .plan import EvictionPlan, plan_request
+from .stats import EvictionStats
+
+# a child of vLLM's logger: our lines follow its level (VLLM_LOGGING_LEVEL) and format
+logger = init_logger("vllm.judgeq")
+# the aggregate counters go to the log at most this often (on a compaction)
+STATS_LOG_INTERVAL_S = 10.0
+
+
+class EvictionSchedulerMixin:
+    """Eviction on top of a vLLM scheduler; call :meth:`_init_eviction` after its ``__init__``."""
+
+    def _init_eviction(self, config: EvictionConfig) -> None:
+        self.eviction_config = config
+        self.eviction_policy = config.build_policy()
+        self.eviction_stats = EvictionStats()
+        self._stats_logged_at = float("-inf")
+        # request id -> plan, from add_request until the request is freed
+        self.eviction_plans: dict[str, EvictionPlan] = {}
+        # requests whose compaction step has been scheduled since they (re)started
+        self.compaction_scheduled: set[str] = set()
+        model_config = self.vllm_config.model_config
+        self._vocab_size = model_config.get_vocab_size()
+        self._num_layers = model_config.get_num_layers(self.vllm_config.parallel_config)
+        self._install_managers()
+        # the chunk hook is vLLM's Mamba alignment split; Mamba state caching itself was
+        # decided from has_mamba_layers in __init__ and stays off
+        self.need_mamba_block_aligned_split = True
+
+    def _install_managers(self) -> None:
+        groups = self.kv_cache_config.kv_cache_groups
+        specs = [type(group.kv_cache_spec).__name__ for group in groups]
+        if not groups or any(type(group.kv_cache_spec) is not FullAttentionSpec for group in groups):
+            raise ValueError(f"--kv-eviction needs full-attention KV-cache groups only, got {specs}")
+        assert type(self.kv_cache_manager) is KVCacheManager, type(self.kv_cache_manager)
+        self.kv_cache_manager.__class__ = EvictionKVCacheManager
+        self.kv_cache_manager.eviction_plans = self.eviction_plans
+        for manager in self.kv_cache_manager.coordinator.single_type_managers:
+            assert type(manager) is FullAttentionManager, type(manager)
+            manager.__class__ = EvictionFullAttentionManager
+            manager.eviction_plans = self.eviction_plans
+
+    def add_request(self, request: Request) -> None:
+        if request.request_id not in self.requests:
+            self._plan(request)
+        super().add_request(request)
+
+    def _plan(self, request: Request) -> None:
+        plan = None
+        skip = self._skip_reason(request)
+        if skip is None:
+            plan = plan_request(
+                request.num_prompt_tokens, self.eviction_policy, self.eviction_config.budget, self.block_size, self._num_layers
+            )
+            if plan is None:
+                skip = "fits_budget"
+            elif request.num_prompt_tokens + plan.num_soft + request.max_tokens > self.max_model_len:
+                # soft ids count towards vLLM's length: without room the request would stop early
+                skip = "no_room_for_soft_tokens"
+        if skip is not None:
+            self.eviction_stats.requests_skipped[skip] += 1
+            return
+        if plan.num_soft:
+            soft_ids = [self._vocab_size + j for j in range(plan.num_soft)]
+            # replace, never extend: in-process the front end shares this list object,
+            # and its copy feeds RequestOutput.prompt_token_ids and usage
+            request.prompt_token_ids = list(request.prompt_token_ids) + soft_ids
+            request._all_token_ids.extend(soft_ids)
+            request.num_prompt_tokens += plan.num_soft
+            request.update_block_hashes()
+            self.eviction_stats.soft_tokens_appended += plan.num_soft
+        self.eviction_plans[request.request_id] = plan
+
+    @staticmethod
+    def _skip_reason(request: Request) -> str | None:
+        if request.resumable:
+            return "streaming_input"
+        if request.prompt_embeds is not None or request.prompt_token_ids is None:
+            return "prompt_embeds"
+        if request.sampling_params is None:
+            return "pooling"
+        if request.sampling_params.prompt_logprobs is not None:
+            return "prompt_logprobs"
+        return None
+
+    def _mamba_block_aligned_split(
+        self,
+        request: Request,
+        num_new_tokens: int,
+        num_new_local_computed_tokens: int = 0,
+        num_external_computed_tokens: int = 0,
+    ) -> int:
+        plan = self.eviction_plans.get(request.request_id)
+        if plan is None:
+            return num_new_tokens
+        start = request.num_computed_tokens + num_new_local_computed_tokens + num_external_computed_tokens
+        end = start + num_new_tokens
+        if start >= plan.total_len:
+            return num_new_tokens
+        if end > plan.total_len:
+            # only on resume after preemption: compaction must run before the
+            # generated tokens are prefilled again
+            end = plan.total_len
+        elif plan.last_chunk_start < end < plan.total_len:
+            # may be 0 (the request waits for a step with enough token budget)
+            end = max(plan.last_chunk_start, start)
+        return end - start
+
+    def _update_after_schedule(self, scheduler_output: SchedulerOutput) -> None:
+        jobs: dict[str, EvictionPlan] = {}
+        compacted: dict[str, EvictionPlan] = {}
+        for req_id, num_tokens in scheduler_output.num_scheduled_tokens.items():
+            plan = self.eviction_plans.get(req_id)
+            if plan is None:
+                continue
+            if req_id in self.compaction_scheduled:
+                compacted[req_id] = plan
+            elif self.requests[req_id].num_computed_tokens + num_tokens == plan.total_len:
+                jobs[req_id] = plan
+        # the worker reads both on every step (plain dataclass attributes, pickled with it)
+        scheduler_output.judgeq_jobs = jobs
+        scheduler_output.judgeq_compacted = compacted
+        self.compaction_scheduled.update(jobs)
+        super()._update_after_schedule(scheduler_output)
+
+    def update_from_output(self, scheduler_output: SchedulerOutput, model_runner_output: Any) -> Any:
+        outputs = super().update_from_output(scheduler_output, model_runner_output)
+        for req_id, plan in scheduler_output.judgeq_jobs.items():
+            request = self.requests.get(req_id)
+            if request is None or request.is_finished() or req_id not in self.compaction_scheduled:
+                continue
+            self._free_head_blocks(req_id, plan)
+        return outputs
+
+    def _free_head_blocks(self, req_id: str, plan: EvictionPlan) -> None:
+        pool = self.kv_cache_manager.block_pool
+        before = pool.get_num_free_blocks()
+        for manager in self.kv_cache_manager.coordinator.single_type_managers:
+            manager.free_head_blocks(req_id, plan)
+        freed = pool.get_num_free_blocks() - before
+        self.eviction_stats.record_compaction(plan, freed)
+        logger.debug(
+            "judgeq: request %s compacted: prompt %d (+%d soft) -> %d kept per head, %d blocks freed",
+            req_id, plan.prompt_len, plan.num_soft, plan.keep, freed,
+        )
+        now = time.monotonic()
+        if now - self._stats_logged_at >= STATS_LOG_INTERVAL_S:
+            self._stats_logged_at = now
+            logger.info("judgeq eviction counters: %s", self.eviction_stats.as_dict())
+
+    def _preempt_request(self, request: Request, timestamp: float) -> None:
+        super()._preempt_request(request, timestamp)
+        self.compaction_scheduled.discard(request.request_id)
+
+    def _free_request(self, request: Request, delay_free_blocks: bool = False) -> Any:
+        result = super()._free_request(request, delay_free_blocks)
+        self.eviction_plans.pop(request.request_id, None)
+        self.compaction_scheduled.discard(request.request_id)
+        return result
+
+    def shutdown(self) -> None:
+        logger.info("judgeq eviction counters: %s", self.eviction_stats.as_dict())
+        super().shutdown()
+
+
+class EvictionScheduler(EvictionSchedulerMixin, Scheduler):
+    """vLLM's synchronous scheduler (the CPU platform's) with eviction."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        config = EvictionConfig.from_additional_config(self.vllm_config.additional_config)
+        assert config is not None, "EvictionScheduler is only installed when eviction is on"
+        self._init_eviction(config)
+
+
+def _engine_core_eviction_stats(engine_core: EngineCore) -> dict:
+    return engine_core.scheduler.eviction_stats.as_dict()
+
+
+def make_scheduler(*args: Any, **kwargs: Any) -> Scheduler:
+    """``scheduler_cls`` factory: picks the scheduler variant for this engine.
+
+    It also gives EngineCore the ``judgeq_stats`` utility, read from the front end with
+    ``llm.llm_engine.engine_core.call_utility("judgeq_stats")`` (this runs only in
+    engines with eviction on).
+    """
+    vllm_config = kwargs["vllm_config"]
+    if vllm_config.scheduler_config.async_scheduling:
+        raise ValueError("--kv-eviction does not support asynchronous scheduling yet; add --no-async-scheduling")
+    EngineCore.judgeq_stats = _engine_core_eviction_stats
+    return EvictionScheduler(*args, **kwargs)

@@ -1,0 +1,53 @@
+"""Engine helpers shared by the engine tests (in-process vLLM, fp32, block size 16)."""
+
+import gc
+
+# 16 prompts, 100..3000 tokens, most short: prefill cost dominates the suite's run time
+ENGINE_PROMPT_LENS = [100, 108, 117, 128, 140, 155, 170, 190, 215, 245, 290, 350, 450, 650, 1100, 3000]
+MAX_NEW_TOKENS = 8
+BLOCK_SIZE = 16
+N_SOFT = 32
+
+
+def make_llm(model_dir, eviction=None, **kwargs):
+    """An in-process fp32 engine; ``eviction`` is ``llm_kwargs(...)`` or ``None`` (vanilla)."""
+    from vllm import LLM
+
+    settings = dict(
+        model=model_dir, dtype="float32", enforce_eager=True, block_size=BLOCK_SIZE, seed=0,
+        max_model_len=max(ENGINE_PROMPT_LENS) + N_SOFT + MAX_NEW_TOKENS + 16,
+        max_num_seqs=16, max_num_batched_tokens=512, kv_cache_memory_bytes=512 * 2**20,
+    )
+    settings.update(kwargs)
+    return LLM(**settings, **(eviction or {}))
+
+
+def shutdown(llm) -> None:
+    llm.llm_engine.engine_core.shutdown()
+    del llm
+    gc.collect()
+
+
+def engine_core(llm):
+    return llm.llm_engine.engine_core.engine_core
+
+
+def model_runner(llm):
+    return engine_core(llm).model_executor.driver_worker.worker.model_runner
+
+
+def free_blocks(llm) -> int:
+    return engine_core(llm).scheduler.kv_cache_manager.block_pool.get_num_free_blocks()
+
+
+def greedy(llm, prompts, max_tokens=MAX_NEW_TOKENS, **sampling):
+    """Greedy outputs of one batched generate call, in prompt order."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    outputs = llm.generate(
+        [TokensPrompt(prompt_token_ids=p) for p in prompts],
+        SamplingParams(max_tokens=max_tokens, temperature=0.0, **sampling),
+        use_tqdm=False,
+    )
+    return outputs

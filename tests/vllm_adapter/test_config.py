@@ -1,0 +1,120 @@
+"""Flags, config and start-up errors: real vLLM config objects, no engine started."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from judgeq_vllm.soft_tokens import SoftTokenArtifactError, SoftTokens
+from judgeq_vllm.vllm_adapter import llm_kwargs
+from judgeq_vllm.vllm_adapter.config import EvictionConfig
+from judgeq_vllm.vllm_adapter.plugin import CPU_WORKER, SCHEDULER_FACTORY, VLLM_CPU_WORKER
+
+
+def parse_cli(argv):
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.entrypoints.openai.cli_args import make_arg_parser
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    parser = make_arg_parser(FlexibleArgumentParser(prog="test"))  # loads the general plugins first
+    return AsyncEngineArgs.from_cli_args(parser.parse_args(argv))
+
+
+def engine_config(model, **kwargs):
+    from vllm.engine.arg_utils import EngineArgs
+
+    base = dict(model=model, dtype="float32", enforce_eager=True, max_model_len=1024, block_size=16)
+    return EngineArgs(**{**base, **kwargs}).create_engine_config()
+
+
+def test_flags_reach_additional_config(smollm2_dir):
+    args = parse_cli(["--model", smollm2_dir, "--kv-eviction", "snapkv", "--kv-budget", "256", "--kv-window", "16",
+                      "--kv-pool-kernel", "5", "--additional-config", json.dumps({"other": 1})])
+    assert args.additional_config == {
+        "other": 1,
+        "judgeq": {"kv_eviction": "snapkv", "kv_budget": "256", "soft_tokens": None, "knobs": {"window": 16, "pool_kernel": 5}},
+    }
+    config = EvictionConfig.from_additional_config(args.additional_config)
+    assert config.policy == "snapkv" and config.budget.tokens == 256 and config.knobs == {"window": 16, "pool_kernel": 5}
+
+
+def test_no_flag_leaves_engine_args_alone(smollm2_dir):
+    assert parse_cli(["--model", smollm2_dir]).additional_config == {}
+    with pytest.raises(ValueError, match="--kv-budget given without --kv-eviction"):
+        parse_cli(["--model", smollm2_dir, "--kv-budget", "64"])
+    with pytest.raises(SystemExit):
+        parse_cli(["--model", smollm2_dir, "--kv-eviction", "bogus"])
+
+
+@pytest.mark.parametrize("policy", [None, "none"])
+def test_no_eviction_keeps_vllm_classes(smollm2_dir, policy):
+    extra = {} if policy is None else llm_kwargs(policy)
+    config = engine_config(smollm2_dir, **extra)
+    assert config.scheduler_config.scheduler_cls is None
+    assert config.parallel_config.worker_cls == VLLM_CPU_WORKER
+
+
+def test_eviction_selects_our_classes(smollm2_dir):
+    config = engine_config(smollm2_dir, **llm_kwargs("knorm", 0.5))
+    assert config.scheduler_config.scheduler_cls == SCHEDULER_FACTORY
+    assert config.parallel_config.worker_cls == CPU_WORKER
+
+
+@pytest.mark.parametrize(
+    "section, message",
+    [
+        ({"kv_eviction": "bogus", "kv_budget": 64}, "'bogus' is not a policy; choose one of: none, h2o, judgeq"),
+        ({"kv_eviction": "snapkv", "kv_budget": 0}, "positive token count"),
+        ({"kv_eviction": "snapkv", "kv_budget": -5}, "positive token count"),
+        ({"kv_eviction": "snapkv", "kv_budget": 1.5}, r"ratio must be in \[0, 1\)"),
+        ({"kv_eviction": "snapkv"}, "needs --kv-budget"),
+        ({"kv_eviction": "snapkv", "kv_budget": 64, "knobs": {"sinks": 4}}, "policy 'snapkv' has no parameter sinks"),
+        ({"kv_eviction": "pyramidkv", "kv_budget": 64}, "per-layer budgets are not implemented on the vLLM path"),
+    ],
+)
+def test_bad_settings_name_the_fix(section, message):
+    with pytest.raises(ValueError, match=message):
+        EvictionConfig.from_additional_config({"judgeq": section})
+
+
+def test_judgeq_without_artifact_suggests_training_or_snapkv(smollm2_dir):
+    with pytest.raises(ValueError, match="needs --judgeq-soft-tokens PATH: train an artifact .* `--kv-eviction snapkv`"):
+        engine_config(smollm2_dir, **llm_kwargs("judgeq", 64))
+
+
+def test_missing_artifact(smollm2_dir, tmp_path):
+    with pytest.raises(SoftTokenArtifactError, match="does not exist; train one"):
+        engine_config(smollm2_dir, **llm_kwargs("judgeq", 64, soft_tokens=str(tmp_path / "none.safetensors")))
+
+
+def test_artifact_for_another_model(smollm2_dir, tmp_path):
+    path = tmp_path / "other.safetensors"
+    SoftTokens(torch.zeros(4, 576), "OtherModel", "0" * 64).save(path)
+    with pytest.raises(SoftTokenArtifactError, match="trained for model 'OtherModel'"):
+        engine_config(smollm2_dir, **llm_kwargs("judgeq", 64, soft_tokens=str(path)))
+
+
+def test_matching_artifact_is_accepted(smollm2_dir, soft_tokens, tmp_path):
+    path = tmp_path / "soft.safetensors"
+    soft_tokens.save(path)
+    config = engine_config(smollm2_dir, **llm_kwargs("judgeq", 64, soft_tokens=str(path)))
+    assert config.scheduler_config.scheduler_cls == SCHEDULER_FACTORY
+
+
+def test_unsupported_engine_features_are_refused(smollm2_dir):
+    with pytest.raises(ValueError, match=r"compiled execution \(add --enforce-eager\)"):
+        engine_config(smollm2_dir, enforce_eager=False, **llm_kwargs("snapkv", 64))
+    with pytest.raises(ValueError, match="--max-num-batched-tokens 16 is too small for snapkv.*use at least 33"):
+        engine_config(smollm2_dir, max_num_batched_tokens=16, max_num_seqs=4, **llm_kwargs("snapkv", 64))
+
+
+def test_sliding_window_model_is_refused(smollm2_dir, tmp_path):
+    """A Mistral-style sliding window on the same checkpoint: refused, naming the reason."""
+    for name in os.listdir(smollm2_dir):
+        os.symlink(os.path.join(smollm2_dir, name), tmp_path / name)
+    config = json.loads(open(os.path.join(smollm2_dir, "config.json")).read())
+    os.remove(tmp_path / "config.json")
+    (tmp_path / "config.json").write_text(json.dumps({**config, "sliding_window": 256}))
+    with pytest.raises(ValueError, match="refused because it uses sliding-window attention"):
+        engine_config(str(tmp_path), **llm_kwargs("snapkv", 64))

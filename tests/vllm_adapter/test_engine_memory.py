@@ -1,0 +1,128 @@
+"""Blocks really go back to the pool, prefix caching and preemption stay correct.
+
+One small engine (snapkv, budget 64, 64-token chunks, a 28-block pool, prefix caching
+on) driven step by step through ``LLMEngine.step``, in-process.
+"""
+
+import pytest
+from engine_helpers import engine_core, free_blocks, greedy, make_llm, shutdown
+
+from judgeq_vllm.policies import KVBudget, make_policy
+from judgeq_vllm.vllm_adapter import llm_kwargs, plan_request
+
+BUDGET = 64
+NUM_BLOCKS = 28
+
+
+@pytest.fixture(scope="module")
+def llm(smollm2_dir):
+    llm = make_llm(
+        smollm2_dir, llm_kwargs("snapkv", BUDGET), max_model_len=400, max_num_batched_tokens=64,
+        num_gpu_blocks_override=NUM_BLOCKS, enable_prefix_caching=True,
+    )
+    yield llm
+    shutdown(llm)
+
+
+def plan_for(prompt):
+    return plan_request(len(prompt), make_policy("snapkv"), KVBudget(tokens=BUDGET), 16, num_layers=30)
+
+
+def add(llm, request_id, prompt, max_tokens):
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    llm.llm_engine.add_request(request_id, TokensPrompt(prompt_token_ids=prompt), SamplingParams(max_tokens=max_tokens, temperature=0.0))
+    scheduler = engine_core(llm).scheduler
+    (engine_id,) = [rid for rid in scheduler.requests if rid.rsplit("-", 1)[0] == request_id]
+    return engine_id
+
+
+def block_row(llm, engine_id):
+    manager = engine_core(llm).scheduler.kv_cache_manager.coordinator.single_type_managers[0]
+    return manager.req_to_blocks.get(engine_id, [])
+
+
+def test_compaction_step_frees_exactly_the_planned_blocks(llm, engine_prompts):
+    prompt = engine_prompts[10]
+    plan = plan_for(prompt)
+    start = free_blocks(llm)
+    engine_id = add(llm, "free-exact", prompt, max_tokens=8)
+    scheduler = engine_core(llm).scheduler
+    freed_steps = []
+    while llm.llm_engine.has_unfinished_requests():
+        request = scheduler.requests.get(engine_id)
+        computed_before = request.num_computed_tokens if request else None
+        row_before = list(block_row(llm, engine_id))
+        free_before = free_blocks(llm)
+        llm.llm_engine.step()
+        request = scheduler.requests.get(engine_id)
+        if request is None:
+            break
+        row = block_row(llm, engine_id)
+        freed = free_blocks(llm) - (free_before - (len(row) - len(row_before)))
+        # blocks that hold (or will hold) compacted rows are never hashed for prefix caching
+        assert all(block.block_hash is None for block in row[plan.freed_blocks :])
+        if freed:
+            freed_steps.append((computed_before, request.num_computed_tokens, freed))
+            assert all(block.is_null for block in row[: plan.freed_blocks])
+            assert not any(block.is_null for block in row[plan.freed_blocks :])
+            # the freed head keeps its true prompt KV and hashes: reusable by prefix caching
+            assert all(block.block_hash is not None for block in row_before[: plan.freed_blocks])
+    # exactly one step freed blocks: the one whose chunk ended the prompt, by the plan's count
+    assert len(freed_steps) == 1 and freed_steps[0][1] == plan.total_len and freed_steps[0][2] == plan.freed_blocks
+    assert plan.freed_blocks == (len(prompt) - BUDGET) // 16
+    assert free_blocks(llm) == start
+
+
+def test_aborted_requests_return_every_block(llm, engine_prompts):
+    start = free_blocks(llm)
+    scheduler = engine_core(llm).scheduler
+    mid_prefill = add(llm, "abort-prefill", engine_prompts[9], max_tokens=50)
+    mid_decode = add(llm, "abort-decode", engine_prompts[11], max_tokens=50)
+    llm.llm_engine.step()
+    assert 0 < scheduler.requests[mid_prefill].num_computed_tokens < len(engine_prompts[9])
+    llm.llm_engine.abort_request(["abort-prefill"])
+    decode_plan = plan_for(engine_prompts[11])
+    while scheduler.requests[mid_decode].num_computed_tokens < decode_plan.total_len + 3:
+        llm.llm_engine.step()
+    assert block_row(llm, mid_decode)[0].is_null  # compacted, head freed
+    llm.llm_engine.abort_request(["abort-decode"])
+    while llm.llm_engine.has_unfinished_requests():
+        llm.llm_engine.step()
+    assert not scheduler.eviction_plans and not scheduler.compaction_scheduled
+    assert free_blocks(llm) == start
+
+
+def test_identical_prompt_reuses_only_the_head_blocks(llm, engine_prompts):
+    prompt = engine_prompts[10]
+    plan = plan_for(prompt)
+    first = greedy(llm, [prompt])[0]
+    second = greedy(llm, [prompt])[0]
+    assert second.num_cached_tokens == plan.prefix_hit_cap > 0
+    assert list(second.outputs[0].token_ids) == list(first.outputs[0].token_ids)
+
+
+def test_preemption_gives_the_unpreempted_outputs(llm, engine_prompts):
+    # short prompts are admitted together; compacted to 4-5 blocks each, their answers
+    # then outgrow the pool
+    prompts = engine_prompts[3:7]
+    scheduler = engine_core(llm).scheduler
+    preempt = scheduler._preempt_request
+    preempted = []
+
+    def counting_preempt(request, timestamp):
+        preempted.append(request.request_id)
+        preempt(request, timestamp)
+
+    scheduler._preempt_request = counting_preempt
+    try:
+        start = free_blocks(llm)
+        alone = [list(greedy(llm, [p], max_tokens=80, ignore_eos=True)[0].outputs[0].token_ids) for p in prompts]
+        assert not preempted, "one request at a time must fit the pool"
+        together = [list(out.outputs[0].token_ids) for out in greedy(llm, prompts, max_tokens=80, ignore_eos=True)]
+    finally:
+        del scheduler._preempt_request
+    assert preempted, "the pool is meant to force preemption"
+    assert together == alone
+    assert free_blocks(llm) == start
