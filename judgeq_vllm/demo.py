@@ -9,6 +9,7 @@ how many KV blocks the engine returned to its pool, next to the full-KV answer.
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 from pathlib import Path
 
@@ -62,6 +63,8 @@ def _soft_token_artifact(model_dir: Path, path: str | None, scratch: Path) -> tu
 
 
 def run_demo(args: argparse.Namespace) -> int:
+    # the table is the output; vLLM's per-engine start-up log would bury it
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     from transformers import AutoTokenizer
 
     from .assets.smollm2 import smollm2_path
