@@ -1,7 +1,7 @@
 """``judgeq-vllm demo``: a needle in a haystack, answered with every policy's compressed KV.
 
 Serves the embedded default model (SmolLM2-135M-Instruct, real weights from the offline
-assets) through vLLM with each eviction policy: prefill a ~2K-token prompt, evict down
+assets) through vLLM with each eviction policy: prefill a ~1.5K-token prompt (the 135M model still finds the needle there with full KV), evict down
 to the budget inside the engine, decode greedily, and report what each request kept and
 how many KV blocks the engine returned to its pool, next to the full-KV answer.
 """
@@ -26,7 +26,7 @@ def add_parser(subparsers) -> None:
     parser = subparsers.add_parser("demo", help="needle-in-a-haystack with each eviction policy on the default model")
     parser.add_argument("--budget", default="256", help="KV budget: tokens per head (e.g. 256) or ratio (e.g. 0.875)")
     parser.add_argument("--policies", default=",".join(sorted(POLICIES)), help="comma-separated policy names")
-    parser.add_argument("--context-tokens", type=int, default=2000, help="haystack length in tokens")
+    parser.add_argument("--context-tokens", type=int, default=1500, help="haystack length in tokens")
     parser.add_argument("--depth", type=float, default=0.4, help="needle depth in the haystack, 0..1")
     parser.add_argument("--max-new-tokens", type=int, default=24)
     parser.add_argument("--soft-tokens", default=None, help="Judge Q artifact (default: the embedded one if trained)")
@@ -64,7 +64,7 @@ def _soft_token_artifact(model_dir: Path, path: str | None, scratch: Path) -> tu
 
 def run_demo(args: argparse.Namespace) -> int:
     # the table is the output; vLLM's per-engine start-up log would bury it
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
     from transformers import AutoTokenizer
 
     from .assets.smollm2 import smollm2_path
