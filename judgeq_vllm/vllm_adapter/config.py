@@ -18,9 +18,6 @@ from ..soft_tokens import SoftTokens, checkpoint_fingerprint
 
 CONFIG_KEY = "judgeq"
 NO_EVICTION = "none"
-# PyramidKV keeps a different count per layer, which needs per-layer slot mappings and
-# attention metadata in the runner (docs/engine-design.md step 8): not built yet.
-UNSUPPORTED_POLICIES = {"pyramidkv": "per-layer budgets are not implemented on the vLLM path yet"}
 # policy knobs that have their own CLI flag: flag dest -> policy field
 KNOB_FLAGS = {"kv_window": "window", "kv_pool_kernel": "pool_kernel", "kv_sinks": "sinks", "kv_beta": "beta"}
 # stands in for Judge Q's artifact while only the knobs are checked
@@ -56,11 +53,6 @@ class EvictionConfig:
             return None
         if name not in POLICIES:
             raise ValueError(f"--kv-eviction {name!r} is not a policy; choose one of: none, {', '.join(sorted(POLICIES))}")
-        if name in UNSUPPORTED_POLICIES:
-            raise ValueError(
-                f"--kv-eviction {name}: {UNSUPPORTED_POLICIES[name]}; use the HF reference "
-                f"(judgeq_vllm.reference) for it, or a uniform policy such as snapkv"
-            )
         if section.get("kv_budget") is None:
             raise ValueError(f"--kv-eviction {name} needs --kv-budget (tokens per head, e.g. 256, or a ratio, e.g. 0.75)")
         config = cls(

@@ -10,6 +10,12 @@ scores the prompt and moves every (layer, kv head)'s ``k`` kept rows to logical 
 step, a token at vLLM position ``p >= L'`` is computed at RoPE position ``p - n``, its KV
 goes to logical slot ``p - delta`` and attention reads ``k + (p - L' + 1)`` rows starting
 at block ``S / bs``.
+
+Per-layer budgets (PyramidKV): blocks are shared by all layers, so allocation and
+freeing follow the largest layer's count ``k = max_l k_l``. Layer ``l`` keeps its
+``k_l`` rows at ``[S, S + k_l)`` and writes later tokens right after them, at slot
+``p - delta_l`` with ``delta_l = L' - S - k_l >= delta``: each layer gets its own slot
+mapping and attention length, never its own blocks.
 """
 
 from __future__ import annotations
@@ -30,8 +36,8 @@ class EvictionPlan:
             ``min(window, P)`` prompt tokens, or none.
         budget_keep: the request's budget in tokens per head (``KVBudget.keep_count(P)``),
             what ``EvictionPolicy.select`` is called with.
-        keep: ``k``, rows kept per (layer, kv head) in the cache; the largest layer's
-            count (all layers keep the same number for uniform policies).
+        layer_keeps: ``k_l``, rows kept per kv head in each layer (equal for every
+            layer except with per-layer budgets).
         block_size: KV-cache block size.
     """
 
@@ -39,8 +45,18 @@ class EvictionPlan:
     num_soft: int
     num_observations: int
     budget_keep: int
-    keep: int
+    layer_keeps: tuple[int, ...]
     block_size: int
+
+    @property
+    def keep(self) -> int:
+        """``k``: the largest layer's kept rows, what the blocks are sized for."""
+        return max(self.layer_keeps)
+
+    @property
+    def uniform(self) -> bool:
+        """Whether every layer keeps ``k`` rows (one slot mapping serves all layers)."""
+        return min(self.layer_keeps) == self.keep
 
     @property
     def total_len(self) -> int:
@@ -54,18 +70,22 @@ class EvictionPlan:
 
     @property
     def slot_shift(self) -> int:
-        """``delta``: a token at vLLM position ``p >= L'`` is stored at logical slot ``p - delta``."""
+        """``delta``: a token at vLLM position ``p >= L'`` is stored at logical slot ``p - delta``
+        (in every layer that keeps ``k`` rows)."""
         return self.total_len - self.first_kept_slot - self.keep
+
+    def layer_slot_shift(self, layer: int) -> int:
+        """``delta_l``: layer ``layer`` stores the token at vLLM position ``p >= L'`` at slot ``p - delta_l``."""
+        return self.total_len - self.first_kept_slot - self.layer_keeps[layer]
+
+    def layer_evicted_len(self, layer: int) -> int:
+        """``L' - k_l``: how many fewer rows layer ``layer``'s attention reads after compaction."""
+        return self.total_len - self.layer_keeps[layer]
 
     @property
     def freed_blocks(self) -> int:
         """Head blocks returned to the pool after the compaction step."""
         return self.first_kept_slot // self.block_size
-
-    @property
-    def evicted_len(self) -> int:
-        """``L' - k``: how many fewer rows attention reads after the compaction step."""
-        return self.total_len - self.keep
 
     @property
     def last_chunk_start(self) -> int:
@@ -96,13 +116,13 @@ def plan_request(
     if not budget.evicts(prompt_len):
         return None
     budget_keep = budget.keep_count(prompt_len)
-    keep = max(policy.layer_keep_count(budget_keep, prompt_len, layer, num_layers) for layer in range(num_layers))
+    layer_keeps = tuple(policy.layer_keep_count(budget_keep, prompt_len, layer, num_layers) for layer in range(num_layers))
     num_soft = policy.num_observations if policy.observation_source == ObservationSource.SOFT_TOKENS else 0
     return EvictionPlan(
         prompt_len=prompt_len,
         num_soft=num_soft,
         num_observations=observation_count(policy, prompt_len),
         budget_keep=budget_keep,
-        keep=keep,
+        layer_keeps=layer_keeps,
         block_size=block_size,
     )

@@ -39,12 +39,12 @@ class CompactionJob:
 
 @dataclass(frozen=True)
 class ShiftedRow:
-    """A request that reads a compacted cache: attention starts at block ``first_block``
-    of its row and sees ``evicted_len`` fewer tokens than vLLM counts."""
+    """A request that reads a compacted cache: attention starts at block
+    ``plan.freed_blocks`` of its row and, in layer ``l``, sees ``plan.layer_evicted_len(l)``
+    fewer tokens than vLLM counts."""
 
     row: int
-    first_block: int
-    evicted_len: int
+    plan: EvictionPlan
 
 
 class KeptIndexRecorder:
@@ -83,6 +83,9 @@ class EvictionStep:
         policy: the engine's eviction policy.
         num_layers: the model's attention layers.
         recorder: where kept indices go, if a test asked for them.
+        layer_slot_mappings: per layer, the KV slots of the step's tokens, when a shifted
+            request keeps a different count per layer (PyramidKV); ``None``: every layer
+            writes where the runner's slot mapping says.
     """
 
     jobs: list[CompactionJob] = field(default_factory=list)
@@ -90,6 +93,7 @@ class EvictionStep:
     policy: EvictionPolicy | None = None
     num_layers: int = 0
     recorder: KeptIndexRecorder | None = None
+    layer_slot_mappings: list[torch.Tensor] | None = None
 
 
 _CURRENT: EvictionStep | None = None

@@ -70,7 +70,6 @@ def test_eviction_selects_our_classes(smollm2_dir):
         ({"kv_eviction": "snapkv", "kv_budget": 1.5}, r"ratio must be in \[0, 1\)"),
         ({"kv_eviction": "snapkv"}, "needs --kv-budget"),
         ({"kv_eviction": "snapkv", "kv_budget": 64, "knobs": {"sinks": 4}}, "policy 'snapkv' has no parameter sinks"),
-        ({"kv_eviction": "pyramidkv", "kv_budget": 64}, "per-layer budgets are not implemented on the vLLM path"),
     ],
 )
 def test_bad_settings_name_the_fix(section, message):

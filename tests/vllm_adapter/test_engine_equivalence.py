@@ -1,8 +1,7 @@
 """The vLLM path against vanilla vLLM (no-op budgets) and the HF oracle (tight budgets).
 
 16 real-text chat prompts of 100..3000 tokens, greedy, fp32, block size 16, one engine
-per (policy, budget) serving all prompts in one batched call. PyramidKV is refused on the
-vLLM path (test_config.py), so it is not in the matrix.
+per (policy, budget) serving all prompts in one batched call.
 """
 
 import pytest
@@ -15,10 +14,10 @@ from judgeq_vllm.vllm_adapter.step import KeptIndexRecorder
 from engine_helpers import MAX_NEW_TOKENS, engine_core, free_blocks, greedy, make_llm, model_runner, shutdown
 from hf_oracle import generate_many, near_tie_differences
 
-POLICY_NAMES = ["judgeq", "snapkv", "h2o", "streamingllm", "knorm"]
+POLICY_NAMES = ["judgeq", "snapkv", "h2o", "streamingllm", "knorm", "pyramidkv"]
 BUDGETS = [64, 256]
 # max_num_batched_tokens per configuration: the prompts are split at different places
-CHUNK_SIZES = {64: [128, 200, 320, 512, 1000], 256: [1000, 512, 320, 200, 128]}
+CHUNK_SIZES = {64: [128, 200, 320, 512, 1000, 256], 256: [1000, 512, 320, 200, 128, 96]}
 ORACLE_CONFIGS = [
     (name, budget, CHUNK_SIZES[budget][i]) for budget in BUDGETS for i, name in enumerate(POLICY_NAMES)
 ]

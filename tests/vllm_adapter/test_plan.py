@@ -20,9 +20,11 @@ def soft(n):
 
 def test_plan_matches_the_probe():
     """docs/engine-design.md probe B: P=126, 4 soft tokens, k=40, bs=16."""
-    plan = EvictionPlan(prompt_len=126, num_soft=4, num_observations=4, budget_keep=40, keep=40, block_size=16)
+    plan = EvictionPlan(prompt_len=126, num_soft=4, num_observations=4, budget_keep=40, layer_keeps=(40,) * 30, block_size=16)
     assert (plan.total_len, plan.first_kept_slot, plan.slot_shift, plan.freed_blocks) == (130, 80, 10, 5)
-    assert plan.evicted_len == 90
+    assert plan.uniform and plan.keep == 40
+    assert [plan.layer_evicted_len(layer) for layer in (0, 29)] == [90, 90]
+    assert plan.layer_slot_shift(7) == plan.slot_shift
     assert plan.last_chunk_start == 125
     assert plan.prefix_hit_cap == 80
 
@@ -41,6 +43,20 @@ def test_plan_per_policy(name, knobs, num_soft, num_obs):
     assert plan.first_kept_slot + plan.keep + plan.slot_shift == plan.total_len
     assert plan.freed_blocks == (1000 + num_soft - 64) // BLOCK
     assert plan.prefix_hit_cap <= min(plan.first_kept_slot, plan.last_chunk_start)
+
+
+def test_per_layer_budgets_share_blocks_sized_for_the_largest_layer():
+    policy = make_policy("pyramidkv")
+    plan = plan_request(1000, policy, KVBudget(tokens=128), BLOCK, num_layers=30)
+    assert plan.layer_keeps == tuple(policy.layer_keep_count(128, 1000, layer, 30) for layer in range(30))
+    assert not plan.uniform
+    assert plan.keep == plan.layer_keeps[0] > plan.layer_keeps[-1]
+    assert plan.freed_blocks == (1000 - plan.keep) // BLOCK
+    for layer, keep in enumerate(plan.layer_keeps):
+        # every layer's kept rows and later tokens stay inside the blocks that are not freed
+        assert plan.layer_slot_shift(layer) >= plan.slot_shift >= 0
+        assert plan.first_kept_slot + keep + plan.layer_slot_shift(layer) == plan.total_len
+        assert plan.layer_evicted_len(layer) == 1000 - keep
 
 
 def test_prompt_within_budget_has_no_plan():
@@ -86,7 +102,7 @@ CHUNK_CASES = [
 
 @pytest.mark.parametrize("budget, num_obs, num_soft", CHUNK_CASES)
 def test_the_last_prompt_chunk_holds_every_observation_query(budget, num_obs, num_soft):
-    plan = EvictionPlan(prompt_len=300, num_soft=num_soft, num_observations=num_obs, budget_keep=64, keep=64, block_size=BLOCK)
+    plan = EvictionPlan(prompt_len=300, num_soft=num_soft, num_observations=num_obs, budget_keep=64, layer_keeps=(64,), block_size=BLOCK)
     ends = chunks(plan, budget)
     assert ends[-1] == plan.total_len
     last_start = ends[-2] if len(ends) > 1 else 0
@@ -95,6 +111,6 @@ def test_the_last_prompt_chunk_holds_every_observation_query(budget, num_obs, nu
 
 
 def test_a_resumed_request_compacts_before_its_generated_tokens():
-    plan = EvictionPlan(prompt_len=300, num_soft=32, num_observations=32, budget_keep=64, keep=64, block_size=BLOCK)
+    plan = EvictionPlan(prompt_len=300, num_soft=32, num_observations=32, budget_keep=64, layer_keeps=(64,), block_size=BLOCK)
     ends = chunks(plan, 4096, total=plan.total_len + 20)
     assert ends == [plan.total_len, plan.total_len + 20]

@@ -23,6 +23,14 @@ from ..step import CompactionJob, EvictionStep, current_step
 from .kv_layout import packed_tile_layout, read_rows, split_kv_cache, write_rows
 
 
+@dataclasses.dataclass
+class PerLayerCPUAttentionMetadata(CPUAttentionMetadata):
+    """Layer 0's metadata, carrying every layer's own (per-layer budgets: each layer of a
+    compacted request reads its own number of rows and writes to its own slots)."""
+
+    layers: list[CPUAttentionMetadata] = dataclasses.field(default_factory=list)
+
+
 class EvictionCPUMetadataBuilder(CPUAttentionMetadataBuilder):
     """Gives compacted requests their physical view: shorter sequence, shifted block row."""
 
@@ -31,15 +39,31 @@ class EvictionCPUMetadataBuilder(CPUAttentionMetadataBuilder):
         if step is None or not step.shifted_rows:
             return super().build(common_prefix_len, common_attn_metadata, fast_build)
         common = common_attn_metadata
-        # copies: block_table_tensor is the runner's master table on CPU
-        seq_lens = common.seq_lens.clone()
+        # a copy: block_table_tensor is the runner's master table on CPU
         block_table = common.block_table_tensor.clone()
         width = block_table.shape[1]
         for shifted in step.shifted_rows:
-            seq_lens[shifted.row] -= shifted.evicted_len
-            block_table[shifted.row, : width - shifted.first_block] = common.block_table_tensor[shifted.row, shifted.first_block :]
-        common = dataclasses.replace(common, seq_lens=seq_lens, block_table_tensor=block_table)
-        return super().build(common_prefix_len, common, fast_build)
+            first_block = shifted.plan.freed_blocks
+            block_table[shifted.row, : width - first_block] = common.block_table_tensor[shifted.row, first_block:]
+        common = dataclasses.replace(common, block_table_tensor=block_table)
+        if step.layer_slot_mappings is None:
+            return super().build(common_prefix_len, self._layer_view(common, step, 0), fast_build)
+        layers = [
+            super(EvictionCPUMetadataBuilder, self).build(common_prefix_len, self._layer_view(common, step, layer), fast_build)
+            for layer in range(step.num_layers)
+        ]
+        first = {field.name: getattr(layers[0], field.name) for field in dataclasses.fields(CPUAttentionMetadata)}
+        return PerLayerCPUAttentionMetadata(**first, layers=layers)
+
+    @staticmethod
+    def _layer_view(common, step: EvictionStep, layer: int):
+        seq_lens = common.seq_lens.clone()
+        for shifted in step.shifted_rows:
+            seq_lens[shifted.row] -= shifted.plan.layer_evicted_len(layer)
+        if step.layer_slot_mappings is None:
+            return dataclasses.replace(common, seq_lens=seq_lens)
+        slot_mapping = step.layer_slot_mappings[layer][: common.slot_mapping.shape[0]]
+        return dataclasses.replace(common, seq_lens=seq_lens, slot_mapping=slot_mapping)
 
 
 class EvictionCPUAttentionImpl(CPUAttentionBackendImpl):
@@ -57,6 +81,8 @@ class EvictionCPUAttentionImpl(CPUAttentionBackendImpl):
         output_scale: torch.Tensor | None = None,
         output_block_scale: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        if isinstance(attn_metadata, PerLayerCPUAttentionMetadata):
+            attn_metadata = attn_metadata.layers[extract_layer_index(layer.layer_name)]
         output = super().forward(
             layer, query, key, value, kv_cache, attn_metadata, output, output_scale, output_block_scale
         )
@@ -68,6 +94,15 @@ class EvictionCPUAttentionImpl(CPUAttentionBackendImpl):
             for job in step.jobs:
                 self._compact(job, step, layer, layer_idx, query, kv_cache, attn_metadata)
         return output
+
+    def do_kv_cache_update(
+        self, layer, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor
+    ) -> None:
+        step = current_step()
+        if step is not None and step.layer_slot_mappings is not None:
+            layer_slots = step.layer_slot_mappings[extract_layer_index(layer.layer_name)]
+            slot_mapping = layer_slots[: slot_mapping.shape[0]]
+        super().do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)
 
     def _compact(
         self,
@@ -93,8 +128,9 @@ class EvictionCPUAttentionImpl(CPUAttentionBackendImpl):
             layer_idx=layer_idx,
             num_layers=step.num_layers,
         )
-        kept = step.policy.select(inputs, plan.budget_keep)  # [num_kv_heads, k]
-        assert kept.shape[1] == plan.keep, f"layer {layer_idx} kept {kept.shape[1]} rows, the plan {plan.keep}"
+        kept = step.policy.select(inputs, plan.budget_keep)  # [num_kv_heads, k_l]
+        keep = plan.layer_keeps[layer_idx]
+        assert kept.shape[1] == keep, f"layer {layer_idx} kept {kept.shape[1]} rows, the plan {keep}"
         if step.recorder is not None:
             step.recorder.record(job.req_id, layer_idx, kept)
         values = read_rows(value_cache, job.block_ids, plan.total_len, layout.value_map)
@@ -102,7 +138,7 @@ class EvictionCPUAttentionImpl(CPUAttentionBackendImpl):
         # gathered copies, [k, num_kv_heads, head_dim]: sources and destinations overlap
         kept_keys = keys.gather(1, index).transpose(0, 1).contiguous()
         kept_values = values.gather(1, index).transpose(0, 1).contiguous()
-        logical = plan.first_kept_slot + torch.arange(plan.keep)
+        logical = plan.first_kept_slot + torch.arange(keep)
         slots = job.block_ids[logical // block_size] * block_size + logical % block_size
         write_rows(
             kept_keys, kept_values, key_cache, value_cache, slots, self.isa,

@@ -99,21 +99,44 @@ class EvictionCPUModelRunner(CPUModelRunner):
         # on CPU the "device" buffers alias these, and both KV writes read this slot buffer
         slot_mapping = block_table.slot_mapping.cpu
         query_start_loc = self.query_start_loc.cpu
-        step = EvictionStep(policy=self.eviction_policy, num_layers=self.num_attention_layers, recorder=self.kept_index_recorder)
+        jobs_of_step, shifted_rows, per_layer_rows = [], [], []
         for req_id, plan in jobs.items():
             row = self.input_batch.req_id_to_index[req_id]
             logits_indices[row] -= plan.num_soft
-            step.jobs.append(CompactionJob(req_id, row, plan, block_rows[row].long()))
+            jobs_of_step.append(CompactionJob(req_id, row, plan, block_rows[row].long()))
         for req_id, plan in compacted.items():
             row = self.input_batch.req_id_to_index[req_id]
             start, end = int(query_start_loc[row]), int(query_start_loc[row + 1])
             positions = self.positions[start:end]
             assert int(positions[0]) >= plan.total_len, f"request {req_id} mixes prompt and compacted tokens"
             # slots from the logical positions first, then the RoPE positions
-            logical_slot = positions - plan.slot_shift
             row_blocks = block_rows[row].long()
-            slot_mapping[start:end] = row_blocks[logical_slot // block_size] * block_size + logical_slot % block_size
+            slot_mapping[start:end] = _slots(row_blocks, positions - plan.slot_shift, block_size)
+            if not plan.uniform:
+                per_layer_rows.append((plan, start, end, row_blocks, positions.clone()))
             positions -= plan.num_soft
-            step.shifted_rows.append(ShiftedRow(row, plan.freed_blocks, plan.evicted_len))
-        set_current_step(step)
+            shifted_rows.append(ShiftedRow(row, plan))
+        layer_slot_mappings = None
+        if per_layer_rows:
+            layer_slot_mappings = []
+            for layer in range(self.num_attention_layers):
+                layer_slots = slot_mapping.clone()
+                for plan, start, end, row_blocks, positions in per_layer_rows:
+                    layer_slots[start:end] = _slots(row_blocks, positions - plan.layer_slot_shift(layer), block_size)
+                layer_slot_mappings.append(layer_slots)
+        set_current_step(
+            EvictionStep(
+                jobs=jobs_of_step,
+                shifted_rows=shifted_rows,
+                policy=self.eviction_policy,
+                num_layers=self.num_attention_layers,
+                recorder=self.kept_index_recorder,
+                layer_slot_mappings=layer_slot_mappings,
+            )
+        )
         return logits_indices, spec_decode_metadata
+
+
+def _slots(row_blocks: torch.Tensor, logical_slots: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Physical KV slots of a request's logical slots, through its block-table row."""
+    return row_blocks[logical_slots // block_size] * block_size + logical_slots % block_size
