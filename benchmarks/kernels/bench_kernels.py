@@ -43,6 +43,7 @@ PROMPTS, BATCHES, SWEEP_PROMPT = (8192, 32768, 131072), (1, 16), 32768
 PEAK_HBM_GBPS = [("H200", 4800), ("H100 NVL", 3900), ("H100 PCIe", 2000), ("H100", 3350)]
 SWEEP = [
     ScoreConfig(),
+    ScoreConfig(block_n=64),
     ScoreConfig(block_n=128),
     ScoreConfig(block_n=32),
     ScoreConfig(num_warps=8),
@@ -167,7 +168,8 @@ def bench_score(T: int, B: int, peak: float | None, cfg: ScoreConfig, profile: b
     # candidate in the score pass (V is never touched), the queries once per pass, the
     # per-chunk row stats written then read, the scores written
     k_row = NUM_KV_HEADS * HEAD_DIM * 2
-    chunk = cfg.resolved(B, NUM_KV_HEADS, key_len, cache.device).chunk
+    resolved = cfg.resolved(B, NUM_KV_HEADS, key_len, cache.device)
+    chunk = resolved.chunk
     rows = N_SOFT * (NUM_Q_HEADS // NUM_KV_HEADS)
     stats = B * NUM_KV_HEADS * triton.cdiv(key_len, chunk) * rows * 4 * 2
     bytes_moved = (
@@ -177,7 +179,7 @@ def bench_score(T: int, B: int, peak: float | None, cfg: ScoreConfig, profile: b
         + B * NUM_KV_HEADS * T * 4
     )
     row = {
-        "prompt_len": T, "batch": B, "key_len": key_len, "chunk": chunk, "ms": ms,
+        "prompt_len": T, "batch": B, "key_len": key_len, "chunk": chunk, "block_n": resolved.block_n, "ms": ms,
         "bytes": bytes_moved, "gbps": bytes_moved / ms / 1e6,
         "pct_peak_hbm": 100 * bytes_moved / ms / 1e6 / peak if peak else None,
         "k_bytes_once": B * key_len * k_row,

@@ -68,6 +68,7 @@ def test_score_paged(paged_cache, device, G, D, BS):
         pytest.param([200, 77], [32, 16], "judgeq", "padded", 1, ScoreConfig(chunk=64, block_m=16), id="m-tiles-padded"),
         pytest.param([200, 77], [32, 16], "all", "NHD", 1, ScoreConfig(chunk=64, block_m=32), id="m-tiles-all"),
         pytest.param([250, 40, 129], [6, 3, 1], "judgeq", "NHD", 7, ScoreConfig(chunk=64), id="pool7"),
+        pytest.param([1000, 300], [8, 5], "judgeq", "NHD", 7, ScoreConfig(chunk=256, block_n=128), id="block-n128"),
         pytest.param([250, 40, 129], [6, 3, 1], "all", "HND", 3, None, id="pool3-all"),
         pytest.param([64, 32], [32, 32], "judgeq", "NHD", 5, None, id="obs-only-tail"),
     ],
@@ -90,6 +91,15 @@ def test_score_paged_peaked_softmax(paged_cache, device):
     torch.manual_seed(0)
     args = make_inputs(paged_cache, device, [700, 90], [6, 3], 4, 2, 64, 16, torch.float32, q_scale=40.0)
     check(args, 64**-0.5, config=ScoreConfig(chunk=64))
+
+
+def test_block_n_default_follows_the_problem_size():
+    cpu = torch.device("cpu")
+    assert ScoreConfig().resolved(1, 8, 8224, cpu).block_n == 64
+    assert ScoreConfig().resolved(1, 8, 32800, cpu).block_n == 128
+    assert ScoreConfig().resolved(16, 8, 8224, cpu).block_n == 128
+    # an explicit chunk that 128-key tiles do not divide keeps 64
+    assert ScoreConfig(chunk=64).resolved(16, 8, 8224, cpu).block_n == 64
 
 
 def test_score_paged_hints(paged_cache, device):
