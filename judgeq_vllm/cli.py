@@ -1,4 +1,4 @@
-"""The ``judgeq-vllm`` command: ``assets``, ``demo``."""
+"""The ``judgeq-vllm`` command: ``assets``, ``demo``, ``train``, ``hit-rate``, ``corpus``."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import sys
 def build_parser() -> argparse.ArgumentParser:
     from .assets.cli import add_parser as add_assets_parser
     from .demo import add_parser as add_demo_parser
+    from .training.cli import add_parsers as add_training_parsers
 
     parser = argparse.ArgumentParser(
         prog="judgeq-vllm",
@@ -17,6 +18,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True)
     add_assets_parser(subparsers)
     add_demo_parser(subparsers)
+    add_training_parsers(subparsers)
     return parser
 
 

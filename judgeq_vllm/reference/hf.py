@@ -8,7 +8,9 @@ each layer's ``DynamicCache`` entry is replaced by the kept rows of every kv hea
 heads of one layer keep different tokens, all the same count), the soft tokens' KV is
 dropped, and decoding continues from position ``prompt_len`` with explicit position ids.
 Batch size is 1 and there is no padding, so no attention mask is needed: prefill is
-causal, and a decode step sees the whole compressed cache.
+causal, and a decode step sees the whole compressed cache. (The attention function is
+still registered with sdpa's mask builder, so that other users of the model, such as
+training's cached soft-token forward or padded batch generation, get correct masks.)
 
 Everything the vLLM path does must agree with this file: same kept indices per (layer,
 head), same greedy tokens (fp32 on CPU).
@@ -19,11 +21,12 @@ from __future__ import annotations
 import contextlib
 import contextvars
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import Iterator, Protocol, Sequence
 
 import torch
 from transformers import AttentionInterface, AutoModelForCausalLM, DynamicCache
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from ..policies import EvictionPolicy, KVBudget, ObservationSource, ScoreInputs
 from ..soft_tokens import hf_model_fingerprint
@@ -46,7 +49,15 @@ class _PrefillRecorder:
         self.keys[layer_idx] = key[0]
 
 
-_RECORDER: contextvars.ContextVar[_PrefillRecorder | None] = contextvars.ContextVar(
+class AttentionRecorder(Protocol):
+    """Anything that wants every layer's post-RoPE attention inputs during a forward."""
+
+    def record(self, layer_idx: int, query: torch.Tensor, key: torch.Tensor) -> None:
+        """``query`` ``[batch, Hq, q_len, D]``; ``key`` ``[batch, Hkv, kv_len, D]``, the
+        cached keys followed by the new ones (exactly what the layer attends to)."""
+
+
+_RECORDER: contextvars.ContextVar[AttentionRecorder | None] = contextvars.ContextVar(
     "judgeq_prefill_recorder", default=None
 )
 
@@ -59,16 +70,26 @@ def _reference_attention(module, query, key, value, attention_mask, **kwargs):
 
 
 AttentionInterface.register(ATTN_IMPLEMENTATION, _reference_attention)
+# Without a registered mask builder transformers passes no mask to a custom attention
+# function, and sdpa's `is_causal` then aligns the causal mask top-left: wrong as soon as
+# several new tokens attend to a cache (or to left padding). sdpa's own builder still
+# returns no mask for the cases the reference runs (one causal prefill, 1-token decode).
+AttentionMaskInterface.register(ATTN_IMPLEMENTATION, sdpa_mask)
 
 
 @contextlib.contextmanager
-def _recording(num_observations: int) -> Iterator[_PrefillRecorder]:
-    recorder = _PrefillRecorder(num_observations)
+def record_attention(recorder: AttentionRecorder) -> Iterator[AttentionRecorder]:
+    """Calls ``recorder.record`` from every layer of a model loaded by
+    :func:`load_reference_model` while the block runs (this thread/context only)."""
     token = _RECORDER.set(recorder)
     try:
         yield recorder
     finally:
         _RECORDER.reset(token)
+
+
+def _recording(num_observations: int) -> contextlib.AbstractContextManager[_PrefillRecorder]:
+    return record_attention(_PrefillRecorder(num_observations))
 
 
 def load_reference_model(path: str, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
