@@ -217,18 +217,125 @@ def generate(
         _compress_cache(cache, kept)
     cache_lengths = [layer.keys.shape[2] for layer in cache.layers]
 
-    stop = _stop_ids(model, stop_token_ids)
-    token = int(out.logits[0, -1].argmax())
-    tokens, positions = [token], [prompt_len]
+    tokens, positions = _greedy_decode(
+        model, cache, int(out.logits[0, -1].argmax()), prompt_len, max_new_tokens, _stop_ids(model, stop_token_ids)
+    )
+    return EvictionResult(tokens, prompt_len, kept, cache_lengths, positions)
+
+
+def _greedy_decode(
+    model: torch.nn.Module, cache: DynamicCache, first_token: int, prompt_len: int, max_new_tokens: int, stop: set[int]
+) -> tuple[list[int], list[int]]:
+    """Greedy tokens from ``first_token`` on, fed back from position ``prompt_len``; and
+    the position of every token's input step."""
+    token, tokens, positions = first_token, [first_token], [prompt_len]
     while len(tokens) < max_new_tokens and token not in stop:
         out = model(
-            input_ids=torch.tensor([[token]], device=device),
-            position_ids=torch.tensor([[positions[-1]]], device=device),
+            input_ids=torch.tensor([[token]], device=model.device),
+            position_ids=torch.tensor([[positions[-1]]], device=model.device),
             past_key_values=cache,
             use_cache=True,
         )
         token = int(out.logits[0, -1].argmax())
         tokens.append(token)
         positions.append(positions[-1] + 1)
+    return tokens, positions
 
-    return EvictionResult(tokens, prompt_len, kept, cache_lengths, positions)
+
+@dataclass
+class RecordedPrefill:
+    """The post-RoPE queries and keys one prefill recorded, per layer.
+
+    Attributes:
+        queries: layer -> ``[num_recorded, num_q_heads, head_dim]``, the last queries.
+        keys: layer -> ``[num_kv_heads, seq_len, head_dim]``.
+        prompt_len: tokens in the prompt (soft tokens not counted).
+        scale: the attention softmax scale.
+        num_layers: layers of the model.
+    """
+
+    queries: dict[int, torch.Tensor]
+    keys: dict[int, torch.Tensor]
+    prompt_len: int
+    scale: float
+    num_layers: int
+
+    def score_inputs(self, policy: EvictionPolicy, layer: int) -> ScoreInputs:
+        """What ``policy`` sees of ``layer`` (its own number of observation queries)."""
+        num_obs = _observation_count(policy, self.prompt_len)
+        queries = self.queries[layer]
+        if num_obs > queries.shape[0]:
+            raise ValueError(f"{policy.name} observes {num_obs} queries, only {queries.shape[0]} were recorded")
+        return ScoreInputs(
+            queries=queries[queries.shape[0] - num_obs :].cpu(),
+            keys=self.keys[layer].cpu(),
+            num_candidates=self.prompt_len,
+            scale=self.scale,
+            layer_idx=layer,
+            num_layers=self.num_layers,
+        )
+
+
+@torch.inference_mode()
+def generate_many(
+    model: torch.nn.Module,
+    prompt_ids: Sequence[int],
+    configs: Sequence[tuple[EvictionPolicy, KVBudget]],
+    max_new_tokens: int,
+    stop_token_ids: Sequence[int] | None = None,
+) -> tuple[list[EvictionResult], RecordedPrefill]:
+    """:func:`generate` for several ``(policy, budget)`` pairs off one prefill.
+
+    Prefill and its queries/keys do not depend on the policy (apart from Judge Q's soft
+    tokens), so one recorded prefill serves every configuration; each then gets exactly
+    what :func:`generate` does after its prefill (selection, cache compression, greedy
+    decoding). All policies must share one kind of observation: soft tokens (the first
+    policy's are used), or not. Returns one result per configuration and the recording.
+    """
+    if not configs:
+        raise ValueError("generate_many needs at least one (policy, budget)")
+    soft = {policy.observation_source == ObservationSource.SOFT_TOKENS for policy, _ in configs}
+    if len(soft) != 1:
+        raise ValueError("soft-token and prompt-window policies need separate prefills")
+    prompt_len = len(prompt_ids)
+    device = model.device
+    embeds = model.get_input_embeddings()(torch.tensor([list(prompt_ids)], device=device))
+    first_policy = configs[0][0]
+    if soft.pop():
+        embeds = torch.cat([embeds, _soft_token_embeddings(model, first_policy)], dim=1)
+        num_recorded = first_policy.num_observations
+    else:
+        num_recorded = max(_observation_count(policy, prompt_len) for policy, _ in configs)
+    seq_len = embeds.shape[1]
+    cache = DynamicCache(config=model.config)
+    with _recording(num_recorded) as recorder:
+        out = model(
+            inputs_embeds=embeds,
+            position_ids=torch.arange(seq_len, device=device)[None],
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=torch.tensor([prompt_len - 1], device=device),
+        )
+    first_token = int(out.logits[0, -1].argmax())
+    full_kv = [(layer.keys, layer.values) for layer in cache.layers]
+    recorded = RecordedPrefill(
+        recorder.queries, recorder.keys, prompt_len, model.model.layers[0].self_attn.scaling, len(cache.layers)
+    )
+    stop = _stop_ids(model, stop_token_ids)
+    results = []
+    for policy, budget in configs:
+        for layer, (keys, values) in zip(cache.layers, full_kv):
+            layer.keys, layer.values = keys, values
+        keep = budget.keep_count(prompt_len)
+        kept = None
+        if keep < prompt_len:
+            kept = [policy.select(recorded.score_inputs(policy, layer), keep) for layer in range(recorded.num_layers)]
+            _compress_cache(cache, kept)
+        elif seq_len > prompt_len:
+            # no eviction: generate would not have appended the soft tokens at all
+            for layer in cache.layers:
+                layer.keys, layer.values = layer.keys[:, :, :prompt_len], layer.values[:, :, :prompt_len]
+        cache_lengths = [layer.keys.shape[2] for layer in cache.layers]
+        tokens, positions = _greedy_decode(model, cache, first_token, prompt_len, max_new_tokens, stop)
+        results.append(EvictionResult(tokens, prompt_len, kept, cache_lengths, positions))
+    return results, recorded

@@ -8,11 +8,12 @@ import pytest
 import torch
 
 from judgeq_vllm.policies import KVBudget, make_policy
+from judgeq_vllm.reference import generate_many
 from judgeq_vllm.vllm_adapter import llm_kwargs
 from judgeq_vllm.vllm_adapter.step import KeptIndexRecorder
 
 from engine_helpers import MAX_NEW_TOKENS, engine_core, free_blocks, greedy, make_llm, model_runner, shutdown
-from hf_oracle import generate_many, near_tie_differences
+from hf_oracle import near_tie_differences
 
 POLICY_NAMES = ["judgeq", "snapkv", "h2o", "streamingllm", "knorm", "pyramidkv"]
 BUDGETS = [64, 256]
@@ -65,7 +66,7 @@ def hf_references(reference_model, soft_tokens, engine_prompts):
     return references
 
 
-def test_oracle_helper_equals_generate(reference_model, soft_tokens, engine_prompts):
+def test_generate_many_equals_generate(reference_model, soft_tokens, engine_prompts):
     """The shared-prefill oracle gives exactly what reference.generate gives."""
     from judgeq_vllm.reference import generate
 
