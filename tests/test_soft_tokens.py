@@ -69,3 +69,17 @@ def test_init_soft_tokens_records_an_untrained_artifact(reference_model):
     art.check_model("SmolLM2-135M-Instruct", hf_model_fingerprint(reference_model))
     with pytest.raises(ValueError, match="n_soft"):
         init_soft_tokens(reference_model, "x", n_soft=0)
+
+
+def test_committed_artifact_fits_the_embedded_model(smollm2_dir):
+    """The trained artifact shipped in judgeq_vllm/data (used by `make demo`) loads and
+    matches the embedded SmolLM2 weights."""
+    from pathlib import Path
+
+    import judgeq_vllm
+    from judgeq_vllm.soft_tokens import checkpoint_fingerprint
+
+    artifact = SoftTokens.load(Path(judgeq_vllm.__file__).parent / "data" / "SmolLM2-135M-Instruct.judgeq.safetensors")
+    artifact.check_model("SmolLM2-135M-Instruct", checkpoint_fingerprint(smollm2_dir))
+    assert artifact.num_tokens == 32 and artifact.training["trained"]
+    assert artifact.training["loss_last"] < artifact.training["loss_first"]
