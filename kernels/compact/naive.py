@@ -8,6 +8,7 @@ def naive_compact_paged(
     block_tables: torch.Tensor,
     kept_indices: torch.Tensor,
     num_kept: torch.Tensor,
+    dest_start: torch.Tensor | None = None,
 ) -> None:
     """Same contract as `compact_paged`. Gathering before scattering makes overlap moot."""
     caches = [kv_caches] if isinstance(kv_caches, torch.Tensor) else list(kv_caches)
@@ -21,7 +22,8 @@ def naive_compact_paged(
         for b in range(block_tables.shape[0]):
             n = int(num_kept[layer, b])
             src = kept_indices[layer, b, :, :n].long()  # [HKV, n]
-            dst = torch.arange(n, device=cache.device).expand(num_kv_heads, n)
+            start = 0 if dest_start is None else int(dest_start[b])
+            dst = (start + torch.arange(n, device=cache.device)).expand(num_kv_heads, n)
             src_blocks = block_tables[b, src // block_size].long()
             dst_blocks = block_tables[b, dst // block_size].long()
             rows = cache[src_blocks, heads, src % block_size]  # [HKV, n, 2 * D], a copy

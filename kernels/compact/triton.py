@@ -29,6 +29,7 @@ def compact_kernel(
     block_tables,  # [B, max_blocks_per_req]
     kept_indices,  # [L, B, HKV, K_MAX], sorted ascending and unique along the last dim
     num_kept,  # [L, B] (a [B] input is broadcast with layer stride 0)
+    dest_start,  # [B] logical token where each request's kept rows start
     s_kb: tl.int64,
     s_kh: tl.int64,
     s_kt: tl.int64,
@@ -59,25 +60,33 @@ def compact_kernel(
     p_cache = tl.multiple_of(p_cache, 16) + i_h * s_kh
     p_bt = block_tables + i_b * s_bt
     p_idx = kept_indices + i_l * s_il + i_b * s_ib + i_h * s_ih
+    d_start = tl.load(dest_start + i_b).to(tl.int64)
     o_c = tl.arange(0, BLOCK_ROW)
 
-    # NOTE on overlap: row j gets the row at s_j = kept[j], and kept is sorted and unique,
-    # so j <= s_j and s is increasing. Chunks of j go in ascending order and each chunk
-    # loads all its source rows before storing any destination row.
-    # - Across chunks: a later chunk reads s_j' >= j' > j for every destination j already
-    #   written, so a store never clobbers a source that is still to be read. Loads of a
-    #   later chunk may therefore also be issued early (software pipelining) safely.
-    # - Within a chunk: destination j may be the source of an earlier j2 of the same chunk
-    #   (kept = [1, 2, 3, ...]); the barrier makes every thread's loads of the chunk
-    #   complete before any thread stores.
-    # Rows already in place (s_j == j) are skipped.
-    for j0 in range(0, n_kept, BLOCK_J):
+    # NOTE on overlap: row j goes from s_j = kept[j] to d_j = d_start + j. kept is sorted
+    # and unique, so s_j - d_j never decreases with j: the rows that move left (s_j > d_j)
+    # are a suffix of j, the rows that move right (s_j < d_j) a prefix, and every right
+    # move's source and destination lie below every left move's (s_j < d_j < d_m <= s_m
+    # for j < m in the two groups), so the groups never touch each other's rows.
+    # - Left moves go in ascending chunks of j: a later chunk reads s_j' >= j' + d_start,
+    #   above every destination already written.
+    # - Right moves go in descending chunks: a later chunk reads s_j' < s_j < d_j for the
+    #   rows j already written.
+    # So a chunk's loads may also be issued before the previous chunk's stores complete.
+    # - Within a chunk a destination may be another row's source (kept = [1, 2, 3, ...]):
+    #   every thread loads the chunk's rows before any thread stores (the barrier).
+    # Rows already in place (s_j == d_j) are skipped.
+    n_chunks = tl.cdiv(n_kept, BLOCK_J)
+    for i_chunk in range(0, 2 * n_chunks):
+        moves_left = i_chunk < n_chunks
+        j0 = tl.where(moves_left, i_chunk, 2 * n_chunks - 1 - i_chunk) * BLOCK_J
         o_j = j0 + tl.arange(0, BLOCK_J)
         m_j = o_j < n_kept
         b_src = tl.load(p_idx + o_j, mask=m_j, other=0).to(tl.int64)
-        m_move = m_j & (b_src != o_j)
+        b_dst = d_start + o_j
+        m_move = m_j & tl.where(moves_left, b_src > b_dst, b_src < b_dst)
         o_src = _row_offsets(p_bt, b_src, m_move, s_kb, s_kt, BS)
-        o_dst = _row_offsets(p_bt, o_j, m_move, s_kb, s_kt, BS)
+        o_dst = _row_offsets(p_bt, b_dst, m_move, s_kb, s_kt, BS)
         if BLOCK_ROW == ROW:
             m_row = m_move[:, None]
         else:
@@ -95,12 +104,14 @@ def compact_paged(
     block_tables: torch.Tensor,
     kept_indices: torch.Tensor,
     num_kept: torch.Tensor,
+    dest_start: torch.Tensor | None = None,
 ) -> None:
-    """Moves the kept K|V rows of every (layer, request, kv head) to the front, in place.
+    """Moves the kept K|V rows of every (layer, request, kv head) together, in place.
 
     For each layer l, request b, kv head h and j < num_kept[l, b]: the K|V row of head h at
-    logical token j of request b gets the row that was at logical token kept_indices[l, b,
-    h, j]. Rows at j >= num_kept are left as they are. All layers go in one launch.
+    logical token dest_start[b] + j of request b gets the row that was at logical token
+    kept_indices[l, b, h, j]. Other rows are left as they are (a kept row that a move does
+    not overwrite keeps its old copy). All layers go in one launch.
 
     Args:
         kv_caches: the per-layer caches [num_blocks, HKV, BS, 2 * D] (same shape, strides
@@ -111,6 +122,9 @@ def compact_paged(
             Unsorted indices give undefined results (not checked: that would sync).
         num_kept: [L, B] or [B] (same for all layers) int32/int64, <= K_max; the same for
             all heads of a (layer, request).
+        dest_start: [B] int32/int64, where each request's kept rows go (the engine keeps
+            them block-aligned before the tokens that follow the prompt); None: 0, the
+            front of the row. dest_start[b] + num_kept must fit the request's blocks.
     """
     op = "compact_paged"
     caches = [kv_caches] if isinstance(kv_caches, torch.Tensor) else list(kv_caches)
@@ -145,8 +159,12 @@ def compact_paged(
     if num_kept.ndim == 1:
         num_kept = num_kept.expand(L, B)
     check_index_tensor(num_kept, "num_kept", (L, B), op)
+    if dest_start is None:
+        dest_start = _zeros(B, caches[0].device)
+    check_index_tensor(dest_start, "dest_start", (B,), op)
     check_same_device(
-        op, caches[0], block_tables=block_tables, kept_indices=kept_indices, num_kept=num_kept
+        op, caches[0], block_tables=block_tables, kept_indices=kept_indices, num_kept=num_kept,
+        dest_start=dest_start,
     )
     if B == 0 or kept_indices.shape[-1] == 0:
         return
@@ -161,6 +179,7 @@ def compact_paged(
         block_tables=block_tables,
         kept_indices=kept_indices,
         num_kept=num_kept,
+        dest_start=dest_start,
         s_kb=caches[0].stride(0),
         s_kh=caches[0].stride(1),
         s_kt=caches[0].stride(2),
@@ -181,6 +200,18 @@ def compact_paged(
         # no software pipelining: the copy loop is a plain load-barrier-store stream
         num_stages=1,
     )
+
+
+_ZEROS: dict[torch.device, torch.Tensor] = {}
+
+
+def _zeros(count: int, device: torch.device) -> torch.Tensor:
+    """A read-only [count] int32 zero tensor, kept per device (no allocation per call)."""
+    zeros = _ZEROS.get(device)
+    if zeros is None or zeros.numel() < count:
+        zeros = torch.zeros(max(count, 256), dtype=torch.int32, device=device)
+        _ZEROS[device] = zeros
+    return zeros[:count]
 
 
 def _pointer_table(caches: list[torch.Tensor]) -> torch.Tensor:

@@ -26,11 +26,11 @@ def random_kept(num_tokens, num_layers, num_kv_heads, k_max, device, sinks=4, wi
     return kept.to(device), num_kept.to(device)
 
 
-def check(caches, block_tables, kept, num_kept):
+def check(caches, block_tables, kept, num_kept, dest_start=None):
     layers = caches if isinstance(caches, list) else [caches]
     expected = [c.clone() for c in layers]
-    naive_compact_paged(expected if isinstance(caches, list) else expected[0], block_tables, kept, num_kept)
-    compact_paged(caches, block_tables, kept, num_kept)
+    naive_compact_paged(expected if isinstance(caches, list) else expected[0], block_tables, kept, num_kept, dest_start)
+    compact_paged(caches, block_tables, kept, num_kept, dest_start)
     bits = torch.int16 if layers[0].element_size() == 2 else torch.int32
     for got, ref in zip(layers, expected):
         # compare bits: the kernel must copy, not convert
@@ -78,6 +78,36 @@ def test_compact_paged_overlaps(paged_cache, device):
     check(caches, bt, kept.to(device), num_kept.to(device))
 
 
+def test_compact_paged_dest_start_as_the_engine_places_rows(paged_cache, device):
+    """Kept rows go to [S, S + k) with S block aligned, as the engine lays them out: early
+    kept tokens (sinks) move right, late ones left."""
+    torch.manual_seed(0)
+    lens, HKV, BS, K = [1000, 63, 200, 333], 2, 16, 96
+    caches, bt = paged_cache(lens, HKV, 64, BS, torch.bfloat16, device, num_layers=3)
+    kept, num_kept = random_kept(lens, 3, HKV, K, device)
+    start = torch.tensor([(n - min(n, K)) // BS * BS for n in lens], dtype=torch.int32, device=device)
+    assert int(start[0]) > 0
+    check(caches, bt, kept, num_kept, start)
+
+
+def test_compact_paged_dest_start_overlaps(paged_cache, device):
+    """Adversarial right moves (each destination is the source of a later row) and both
+    directions in one row."""
+    torch.manual_seed(0)
+    lens, HKV, K = [400, 400, 400, 400], 2, 200
+    caches, bt = paged_cache(lens, HKV, 64, 16, torch.float32, device, num_layers=2)
+    kept = torch.zeros(2, len(lens), HKV, K, dtype=torch.int64)
+    j = torch.arange(K)
+    for l in range(2):
+        for h in range(HKV):
+            kept[l, 0, h] = j  # every row moves right by 2
+            kept[l, 1, h] = torch.where(j < 50, j, j + 150)  # right moves, then left moves
+            kept[l, 2, h] = j + 37 * (h + 1)  # left moves past a dest_start of 16
+            kept[l, 3, h] = j + 60  # in place where dest_start = 60
+    dest_start = torch.tensor([2, 100, 16, 60])
+    check(caches, bt, kept.to(device), torch.tensor([K] * 4).to(device), dest_start.to(device))
+
+
 def test_compact_paged_single_layer(paged_cache, device):
     """One cache tensor with [B, HKV, K] indices, num_kept per request, some empty."""
     torch.manual_seed(0)
@@ -114,10 +144,12 @@ def test_compact_paged_rejects(paged_cache, device):
         compact_paged(caches, bt, kept, num_kept[:, :1])
     with pytest.raises(ValueError, match="block_tables"):
         compact_paged(caches, bt.long(), kept, num_kept)
+    with pytest.raises(ValueError, match="dest_start"):
+        compact_paged(caches, bt, kept, num_kept, torch.zeros(3, dtype=torch.int32, device=device))
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("pattern", ["random", "shift"])
+@pytest.mark.parametrize("pattern", ["random", "shift", "engine"])
 @pytest.mark.parametrize(
     "prompt_len,batch",
     [pytest.param(T, B, id=f"T{T // 1024}K-B{B}") for T in (8192, 32768, 131072) for B in (1, 16)],
@@ -126,7 +158,8 @@ def test_compact_paged_llama(paged_cache, device, prompt_len, batch, pattern):
     """Llama-3.1-8B caches (8 kv heads, head_dim 128, bf16) down to 1,024 kept tokens per head.
 
     pattern "random": sinks, window and random tokens; "shift": kept[j] = j + 1 + h, every
-    destination is the previous row's source, across warps. Up to 32 layers, as many as fit
+    destination is the previous row's source, across warps; "engine": random kept rows
+    placed at [S, S + 1024) with S block aligned, as the engine lays them out. Up to 32 layers, as many as fit
     in ~8 GiB (the reference works on a second copy).
     """
     torch.manual_seed(0)
@@ -135,12 +168,15 @@ def test_compact_paged_llama(paged_cache, device, prompt_len, batch, pattern):
     num_layers = max(1, min(32, (8 << 30) // layer_bytes))
     caches, bt = paged_cache(lens, 8, 128, 16, torch.bfloat16, device, num_layers=num_layers)
     num_kept = torch.full((num_layers, batch), 1024, dtype=torch.int32, device=device)
-    if pattern == "random":
-        kept = _random_kept_gpu(lens, num_layers, 8, 1024, device)
-    else:
+    dest_start = None
+    if pattern == "shift":
         kept = torch.arange(1024, device=device) + 1 + torch.arange(8, device=device)[:, None]
         kept = kept.expand(num_layers, batch, 8, 1024).contiguous()
-    check(caches, bt, kept, num_kept)
+    else:
+        kept = _random_kept_gpu(lens, num_layers, 8, 1024, device)
+    if pattern == "engine":
+        dest_start = torch.tensor([(n - 1024) // 16 * 16 for n in lens], dtype=torch.int32, device=device)
+    check(caches, bt, kept, num_kept, dest_start)
 
 
 def _random_kept_gpu(num_tokens, num_layers, num_kv_heads, k_max, device):
