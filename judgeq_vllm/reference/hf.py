@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 from dataclasses import dataclass, field
-from typing import Iterator, Protocol, Sequence
+from typing import Any, Iterator, Protocol, Sequence
 
 import torch
 from transformers import AttentionInterface, AutoModelForCausalLM, DynamicCache
@@ -183,18 +183,9 @@ def generate(
     embeds = model.get_input_embeddings()(ids)
     if evict and policy.observation_source == ObservationSource.SOFT_TOKENS:
         embeds = torch.cat([embeds, _soft_token_embeddings(model, policy)], dim=1)
-    seq_len = embeds.shape[1]
 
-    cache = DynamicCache(config=model.config)
     with _recording(num_obs) if evict else contextlib.nullcontext() as recorder:
-        out = model(
-            inputs_embeds=embeds,
-            position_ids=torch.arange(seq_len, device=device)[None],
-            past_key_values=cache,
-            use_cache=True,
-            # the first new token comes from the last *real* prompt token, never a soft one
-            logits_to_keep=torch.tensor([prompt_len - 1], device=device),
-        )
+        out, cache = _prefill(model, embeds, prompt_len)
 
     kept = None
     if evict:
@@ -221,6 +212,20 @@ def generate(
         model, cache, int(out.logits[0, -1].argmax()), prompt_len, max_new_tokens, _stop_ids(model, stop_token_ids)
     )
     return EvictionResult(tokens, prompt_len, kept, cache_lengths, positions)
+
+
+def _prefill(model: torch.nn.Module, embeds: torch.Tensor, prompt_len: int) -> tuple[Any, DynamicCache]:
+    """One causal prefill of ``embeds`` (the prompt, maybe followed by soft tokens) into a
+    fresh cache; the logits are those of the last *real* prompt token, never a soft one."""
+    cache = DynamicCache(config=model.config)
+    out = model(
+        inputs_embeds=embeds,
+        position_ids=torch.arange(embeds.shape[1], device=model.device)[None],
+        past_key_values=cache,
+        use_cache=True,
+        logits_to_keep=torch.tensor([prompt_len - 1], device=model.device),
+    )
+    return out, cache
 
 
 def _greedy_decode(
@@ -307,15 +312,8 @@ def generate_many(
     else:
         num_recorded = max(_observation_count(policy, prompt_len) for policy, _ in configs)
     seq_len = embeds.shape[1]
-    cache = DynamicCache(config=model.config)
     with _recording(num_recorded) as recorder:
-        out = model(
-            inputs_embeds=embeds,
-            position_ids=torch.arange(seq_len, device=device)[None],
-            past_key_values=cache,
-            use_cache=True,
-            logits_to_keep=torch.tensor([prompt_len - 1], device=device),
-        )
+        out, cache = _prefill(model, embeds, prompt_len)
     first_token = int(out.logits[0, -1].argmax())
     full_kv = [(layer.keys, layer.values) for layer in cache.layers]
     recorded = RecordedPrefill(
