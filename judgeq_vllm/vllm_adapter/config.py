@@ -119,11 +119,13 @@ def validate_engine(config: EvictionConfig, vllm_config: Any) -> None:
     """
     model_config = vllm_config.model_config
     _check_model(model_config)
-    _check_engine_features(vllm_config)
+    _check_engine_features(vllm_config, config.policy)
     policy = config.build_policy()
     soft = getattr(policy, "soft_tokens", None)
     if soft is not None:
-        soft.check_model(model_config.model, checkpoint_fingerprint(model_config.model))
+        # dummy weights (throughput benchmarks) have no checkpoint to match: shape only
+        if str(vllm_config.load_config.load_format) != "dummy":
+            soft.check_model(model_config.model, checkpoint_fingerprint(model_config.model))
         if soft.hidden_size != model_config.get_hidden_size():
             raise ValueError(
                 f"soft-token artifact has hidden size {soft.hidden_size}, model {model_config.model!r} "
@@ -162,7 +164,15 @@ def _check_model(model_config: Any) -> None:
         )
 
 
-def _check_engine_features(vllm_config: Any) -> None:
+# the attention backends the GPU path has eviction subclasses for
+GPU_ATTENTION_BACKENDS = ("FLASH_ATTN", "TRITON_ATTN", "FLASHINFER")
+
+
+def _check_engine_features(vllm_config: Any, policy: str) -> None:
+    from vllm.platforms import current_platform
+
+    on_cpu = current_platform.is_cpu()
+    backend = getattr(vllm_config.attention_config, "backend", None)
     unsupported = {
         "speculative decoding": vllm_config.speculative_config is not None,
         "pipeline parallelism": vllm_config.parallel_config.pipeline_parallel_size > 1,
@@ -172,7 +182,15 @@ def _check_engine_features(vllm_config: Any) -> None:
         "prompt embeddings (--enable-prompt-embeds)": vllm_config.model_config.enable_prompt_embeds,
         "--kv-sharing-fast-prefill": vllm_config.cache_config.kv_sharing_fast_prefill,
         "quantized KV cache (--kv-cache-dtype)": vllm_config.cache_config.cache_dtype not in ("auto", None),
-        "compiled execution (add --enforce-eager)": not vllm_config.model_config.enforce_eager,
+        "data parallelism": vllm_config.parallel_config.data_parallel_size > 1,
+        "compiled execution on CPU (add --enforce-eager)": on_cpu and not vllm_config.model_config.enforce_eager,
+        f"the {getattr(backend, 'name', backend)} attention backend (use one of {', '.join(GPU_ATTENTION_BACKENDS)})": (
+            not on_cpu and backend is not None and backend.name not in GPU_ATTENTION_BACKENDS
+        ),
+        "pyramidkv's per-layer budgets on GPU (not built yet; use snapkv)": not on_cpu and policy == "pyramidkv",
+        "Model Runner V1 on GPU (unset VLLM_USE_V2_MODEL_RUNNER=0)": (
+            not on_cpu and not getattr(vllm_config, "use_v2_model_runner", True)
+        ),
     }
     refused = [name for name, on in unsupported.items() if on]
     if refused:

@@ -19,6 +19,8 @@ from .config import CONFIG_KEY, KNOB_FLAGS, NO_EVICTION, EvictionConfig, validat
 SCHEDULER_FACTORY = "judgeq_vllm.vllm_adapter.scheduler.make_scheduler"
 CPU_WORKER = "judgeq_vllm.vllm_adapter.cpu.worker.EvictionCPUWorker"
 VLLM_CPU_WORKER = "vllm.v1.worker.cpu_worker.CPUWorker"
+GPU_WORKER = "judgeq_vllm.vllm_adapter.gpu.worker.EvictionGPUWorker"
+VLLM_GPU_WORKER = "vllm.v1.worker.gpu_worker.Worker"
 
 _registered = False
 
@@ -103,12 +105,16 @@ def _selecting_eviction_classes(create_engine_config):
 def _select_classes(vllm_config) -> None:
     from vllm.platforms import current_platform
 
-    if not current_platform.is_cpu():
-        raise ValueError("--kv-eviction runs on vLLM's CPU backend only in this version; the GPU path is not built yet")
+    if current_platform.is_cpu():
+        vllm_worker, our_worker = VLLM_CPU_WORKER, CPU_WORKER
+    elif current_platform.is_cuda():
+        vllm_worker, our_worker = VLLM_GPU_WORKER, GPU_WORKER
+    else:
+        raise ValueError(f"--kv-eviction runs on vLLM's CPU and CUDA platforms, not {current_platform.device_name}")
     scheduler_config, parallel_config = vllm_config.scheduler_config, vllm_config.parallel_config
     if scheduler_config.scheduler_cls not in (None, SCHEDULER_FACTORY):
         raise ValueError(f"--kv-eviction replaces the scheduler; remove --scheduler-cls {scheduler_config.scheduler_cls}")
-    if parallel_config.worker_cls not in (VLLM_CPU_WORKER, CPU_WORKER):
+    if parallel_config.worker_cls not in ("auto", vllm_worker, our_worker):
         raise ValueError(f"--kv-eviction replaces the worker; remove --worker-cls {parallel_config.worker_cls}")
     scheduler_config.scheduler_cls = SCHEDULER_FACTORY
-    parallel_config.worker_cls = CPU_WORKER
+    parallel_config.worker_cls = our_worker

@@ -3,9 +3,11 @@
 NOTE on the schedule of one evicting request (docs/engine-design.md steps 2 and 5):
 
 1. ``add_request`` makes the plan (deterministic: prompt length, budget, policy, block
-   size) and, for Judge Q, appends the soft-token ids ``vocab + j`` to the prompt. They
-   exist only here and in the worker: the front end keeps its own prompt list, so they
-   are never returned to clients nor counted in usage.
+   size, and the request's own settings from ``extra_args``, see ``request_settings.py``)
+   and, for Judge Q, inserts the soft-token ids ``vocab + j`` after the candidates (the
+   prompt's end, or the compression boundary). They exist only here and in the worker:
+   the front end keeps its own prompt list, so they are never returned to clients nor
+   counted in usage.
 2. Chunked prefill is steered through vLLM's per-request chunk hook
    (``_mamba_block_aligned_split``): the chunk that ends the prompt contains the last
    real prompt token and every observation query, and no chunk runs past ``L'``.
@@ -25,7 +27,9 @@ import time
 from typing import Any
 
 from vllm.logger import init_logger
+from vllm.platforms import current_platform
 from vllm.v1.core.kv_cache_manager import KVCacheManager
+from vllm.v1.core.sched.async_scheduler import AsyncScheduler
 from vllm.v1.core.sched.output import SchedulerOutput
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
@@ -36,7 +40,9 @@ from vllm.v1.request import Request
 from .config import EvictionConfig
 from .kv_manager import EvictionFullAttentionManager, EvictionKVCacheManager
 from .plan import EvictionPlan, plan_request
+from .request_settings import RequestSettings, check_request
 from .stats import EvictionStats
+from .step import EVICTION_SECONDS_ATTR
 
 # a child of vLLM's logger: our lines follow its level (VLLM_LOGGING_LEVEL) and format
 logger = init_logger("vllm.judgeq")
@@ -86,27 +92,60 @@ class EvictionSchedulerMixin:
         plan = None
         skip = self._skip_reason(request)
         if skip is None:
+            settings = self._request_settings(request)
+            if settings is None:
+                skip = "invalid_settings"
+            elif not settings.enabled:
+                skip = "off_by_request"
+        if skip is None:
+            prompt_len = request.num_prompt_tokens
+            candidates = settings.compress_prefix or prompt_len
             plan = plan_request(
-                request.num_prompt_tokens, self.eviction_policy, self.eviction_config.budget, self.block_size, self._num_layers
+                candidates, self.eviction_policy, settings.budget or self.eviction_config.budget, self.block_size,
+                self._num_layers, suffix_len=prompt_len - candidates,
             )
             if plan is None:
                 skip = "fits_budget"
             elif request.num_prompt_tokens + plan.num_soft + request.max_tokens > self.max_model_len:
                 # soft ids count towards vLLM's length: without room the request would stop early
                 skip = "no_room_for_soft_tokens"
+            elif plan.num_soft and _uses_penalties(request) and not current_platform.is_cpu():
+                # Model Runner V2 bins prompt ids into vocab-sized penalty tables on device;
+                # a soft id (>= vocab) would land outside its request's row
+                skip = "penalties_with_soft_tokens"
+        self.eviction_stats.record_admission(self.eviction_config.policy, skip)
         if skip is not None:
-            self.eviction_stats.requests_skipped[skip] += 1
             return
         if plan.num_soft:
-            soft_ids = [self._vocab_size + j for j in range(plan.num_soft)]
-            # replace, never extend: in-process the front end shares this list object,
-            # and its copy feeds RequestOutput.prompt_token_ids and usage
-            request.prompt_token_ids = list(request.prompt_token_ids) + soft_ids
-            request._all_token_ids.extend(soft_ids)
-            request.num_prompt_tokens += plan.num_soft
-            request.update_block_hashes()
-            self.eviction_stats.soft_tokens_appended += plan.num_soft
+            self._insert_soft_tokens(request, plan)
         self.eviction_plans[request.request_id] = plan
+
+    def _request_settings(self, request: Request) -> RequestSettings | None:
+        """The request's own settings; ``None`` if they are invalid, which the front end
+        has already refused (so only a client bypassing it gets here): never raise in
+        EngineCore, serve the request without eviction instead."""
+        try:
+            return check_request(request.sampling_params.extra_args, self.eviction_config.policy, request.num_prompt_tokens)
+        except ValueError as error:
+            logger.warning("judgeq: request %s served without eviction: %s", request.request_id, error)
+            return None
+
+    def _insert_soft_tokens(self, request: Request, plan: EvictionPlan) -> None:
+        """Soft ids ``vocab + j`` right after the candidates (the prompt's end, or the
+        compression boundary, with the question after them)."""
+        soft_ids = [self._vocab_size + j for j in range(plan.num_soft)]
+        boundary = plan.prompt_len
+        prompt = list(request.prompt_token_ids)
+        # replace, never edit: in-process the front end shares this list object, and its
+        # copy feeds RequestOutput.prompt_token_ids and usage
+        request.prompt_token_ids = prompt[:boundary] + soft_ids + prompt[boundary:]
+        # in place: request.all_token_ids is a read-only view of this list
+        request._all_token_ids[boundary:boundary] = soft_ids
+        request.num_prompt_tokens += plan.num_soft
+        # the hashes of the blocks from the boundary on covered the question's ids
+        del request.block_hashes[boundary // self.hash_block_size :]
+        request.update_block_hashes()
+        self.eviction_stats.soft_tokens_appended += plan.num_soft
 
     @staticmethod
     def _skip_reason(request: Request) -> str | None:
@@ -135,8 +174,8 @@ class EvictionSchedulerMixin:
         if start >= plan.total_len:
             return num_new_tokens
         if end > plan.total_len:
-            # only on resume after preemption: compaction must run before the
-            # generated tokens are prefilled again
+            # compaction runs before any later token: the question after a compression
+            # boundary, or the generated tokens prefilled again on resume after preemption
             end = plan.total_len
         elif plan.last_chunk_start < end < plan.total_len:
             # may be 0 (the request waits for a step with enough token budget)
@@ -162,6 +201,9 @@ class EvictionSchedulerMixin:
 
     def update_from_output(self, scheduler_output: SchedulerOutput, model_runner_output: Any) -> Any:
         outputs = super().update_from_output(scheduler_output, model_runner_output)
+        eviction_seconds = getattr(model_runner_output, EVICTION_SECONDS_ATTR, None)
+        if eviction_seconds is not None:
+            self.eviction_stats.eviction_seconds.observe(eviction_seconds)
         for req_id, plan in scheduler_output.judgeq_jobs.items():
             request = self.requests.get(req_id)
             if request is None or request.is_finished() or req_id not in self.compaction_scheduled:
@@ -185,6 +227,12 @@ class EvictionSchedulerMixin:
             self._stats_logged_at = now
             logger.info("judgeq eviction counters: %s", self.eviction_stats.as_dict())
 
+    def eviction_snapshot(self) -> dict:
+        """The counters, and the block pool now (what ``judgeq_stats`` returns)."""
+        pool = self.kv_cache_manager.block_pool
+        # the pool's first block is vLLM's null block, never handed out
+        return {**self.eviction_stats.as_dict(), "kv_free_blocks": pool.get_num_free_blocks(), "kv_total_blocks": pool.num_gpu_blocks - 1}
+
     def _preempt_request(self, request: Request, timestamp: float) -> None:
         super()._preempt_request(request, timestamp)
         self.compaction_scheduled.discard(request.request_id)
@@ -200,6 +248,11 @@ class EvictionSchedulerMixin:
         super().shutdown()
 
 
+def _uses_penalties(request: Request) -> bool:
+    params = request.sampling_params
+    return params.repetition_penalty != 1.0 or params.frequency_penalty != 0.0 or params.presence_penalty != 0.0
+
+
 class EvictionScheduler(EvictionSchedulerMixin, Scheduler):
     """vLLM's synchronous scheduler (the CPU platform's) with eviction."""
 
@@ -211,7 +264,23 @@ class EvictionScheduler(EvictionSchedulerMixin, Scheduler):
 
 
 def _engine_core_eviction_stats(engine_core: EngineCore) -> dict:
-    return engine_core.scheduler.eviction_stats.as_dict()
+    return engine_core.scheduler.eviction_snapshot()
+
+
+class EvictionAsyncScheduler(EvictionSchedulerMixin, AsyncScheduler):
+    """vLLM's asynchronous scheduler (the GPU default) with eviction.
+
+    Freeing the head blocks in ``update_from_output`` of the compaction step stays safe
+    although the next step is already scheduled: that step touches only blocks from
+    ``S / bs`` on, and the freed blocks can be handed out only by a later ``schedule``,
+    whose step runs after it on the same stream (docs/gpu-path-design.md §5).
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        config = EvictionConfig.from_additional_config(self.vllm_config.additional_config)
+        assert config is not None, "EvictionAsyncScheduler is only installed when eviction is on"
+        self._init_eviction(config)
 
 
 def make_scheduler(*args: Any, **kwargs: Any) -> Scheduler:
@@ -222,7 +291,7 @@ def make_scheduler(*args: Any, **kwargs: Any) -> Scheduler:
     engines with eviction on).
     """
     vllm_config = kwargs["vllm_config"]
-    if vllm_config.scheduler_config.async_scheduling:
-        raise ValueError("--kv-eviction does not support asynchronous scheduling yet; add --no-async-scheduling")
     EngineCore.judgeq_stats = _engine_core_eviction_stats
+    if vllm_config.scheduler_config.async_scheduling:
+        return EvictionAsyncScheduler(*args, **kwargs)
     return EvictionScheduler(*args, **kwargs)

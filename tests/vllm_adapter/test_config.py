@@ -2,6 +2,7 @@
 
 import json
 import os
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -9,7 +10,14 @@ import torch
 from judgeq_vllm.soft_tokens import SoftTokenArtifactError, SoftTokens
 from judgeq_vllm.vllm_adapter import llm_kwargs
 from judgeq_vllm.vllm_adapter.config import EvictionConfig
-from judgeq_vllm.vllm_adapter.plugin import CPU_WORKER, SCHEDULER_FACTORY, VLLM_CPU_WORKER
+from judgeq_vllm.vllm_adapter.plugin import (
+    CPU_WORKER,
+    GPU_WORKER,
+    SCHEDULER_FACTORY,
+    VLLM_CPU_WORKER,
+    VLLM_GPU_WORKER,
+    _select_classes,
+)
 
 
 def parse_cli(argv):
@@ -102,7 +110,7 @@ def test_matching_artifact_is_accepted(smollm2_dir, soft_tokens, tmp_path):
 
 
 def test_unsupported_engine_features_are_refused(smollm2_dir):
-    with pytest.raises(ValueError, match=r"compiled execution \(add --enforce-eager\)"):
+    with pytest.raises(ValueError, match=r"compiled execution on CPU \(add --enforce-eager\)"):
         engine_config(smollm2_dir, enforce_eager=False, **llm_kwargs("snapkv", 64))
     with pytest.raises(ValueError, match="--max-num-batched-tokens 16 is too small for snapkv.*use at least 33"):
         engine_config(smollm2_dir, max_num_batched_tokens=16, max_num_seqs=4, **llm_kwargs("snapkv", 64))
@@ -117,3 +125,44 @@ def test_sliding_window_model_is_refused(smollm2_dir, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({**config, "sliding_window": 256}))
     with pytest.raises(ValueError, match="refused because it uses sliding-window attention"):
         engine_config(str(tmp_path), **llm_kwargs("snapkv", 64))
+
+
+class _Platform:
+    def __init__(self, kind):
+        self.kind, self.device_name = kind, kind
+
+    def is_cpu(self):
+        return self.kind == "cpu"
+
+    def is_cuda(self):
+        return self.kind == "cuda"
+
+
+@pytest.mark.parametrize(
+    "kind, vllm_worker, ours",
+    [("cpu", VLLM_CPU_WORKER, CPU_WORKER), ("cuda", VLLM_GPU_WORKER, GPU_WORKER), ("cuda", "auto", GPU_WORKER)],
+)
+def test_workers_selected_per_platform(monkeypatch, kind, vllm_worker, ours):
+    import vllm.platforms
+
+    monkeypatch.setattr(vllm.platforms, "current_platform", _Platform(kind))
+    config = SimpleNamespace(
+        scheduler_config=SimpleNamespace(scheduler_cls=None), parallel_config=SimpleNamespace(worker_cls=vllm_worker)
+    )
+    _select_classes(config)
+    assert config.parallel_config.worker_cls == ours
+    assert config.scheduler_config.scheduler_cls == SCHEDULER_FACTORY
+
+
+def test_other_platforms_and_foreign_workers_are_refused(monkeypatch):
+    import vllm.platforms
+
+    config = SimpleNamespace(
+        scheduler_config=SimpleNamespace(scheduler_cls=None), parallel_config=SimpleNamespace(worker_cls="my.Worker")
+    )
+    monkeypatch.setattr(vllm.platforms, "current_platform", _Platform("cuda"))
+    with pytest.raises(ValueError, match="replaces the worker; remove --worker-cls my.Worker"):
+        _select_classes(config)
+    monkeypatch.setattr(vllm.platforms, "current_platform", _Platform("xpu"))
+    with pytest.raises(ValueError, match="CPU and CUDA platforms, not xpu"):
+        _select_classes(config)

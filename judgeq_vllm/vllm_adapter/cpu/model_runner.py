@@ -18,27 +18,17 @@ from vllm.v1.core.sched.output import SchedulerOutput
 from vllm.v1.worker.cpu_model_runner import CPUModelRunner
 
 from ..config import EvictionConfig
-from ..step import CompactionJob, EvictionStep, KeptIndexRecorder, ShiftedRow, set_current_step, step_scope
-
-
-class SoftTokenEmbedding(torch.nn.Module):
-    """The model's input embedding, extended with the soft-token rows.
-
-    Ids ``< vocab`` go to the wrapped embedding; id ``vocab + j`` gets soft row ``j``.
-    The output head keeps the original weight (also when tied), so logits are unchanged.
-    """
-
-    def __init__(self, inner: torch.nn.Module, vocab_size: int, soft_rows: torch.Tensor):
-        super().__init__()
-        self.inner = inner
-        self.vocab_size = vocab_size
-        self.register_buffer("soft_rows", soft_rows, persistent=False)
-
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        is_soft = input_ids >= self.vocab_size
-        base = self.inner(torch.where(is_soft, torch.zeros_like(input_ids), input_ids))
-        soft_index = (input_ids - self.vocab_size).clamp(0, self.soft_rows.shape[0] - 1)
-        return torch.where(is_soft[:, None], self.soft_rows[soft_index].to(base.dtype), base)
+from ..embedding import install_soft_token_embedding
+from ..step import (
+    EVICTION_SECONDS_ATTR,
+    CompactionJob,
+    EvictionStep,
+    KeptIndexRecorder,
+    ShiftedRow,
+    current_step,
+    set_current_step,
+    step_scope,
+)
 
 
 class EvictionCPUModelRunner(CPUModelRunner):
@@ -52,21 +42,14 @@ class EvictionCPUModelRunner(CPUModelRunner):
         self.num_attention_layers = self.model_config.get_num_layers(self.parallel_config)
         # opt-in debug hook (tests): records the kept indices of every compaction
         self.kept_index_recorder: KeptIndexRecorder | None = None
+        # compaction time of the last forward pass, until sample_tokens reports it
+        self._eviction_seconds: float | None = None
 
     def load_model(self, *args, **kwargs) -> None:
         super().load_model(*args, **kwargs)
-        soft_tokens = getattr(self.eviction_policy, "soft_tokens", None)
-        if soft_tokens is None:
-            return
-        language_model = getattr(self.model, "model", None)
-        embedding = getattr(language_model, "embed_tokens", None)
-        if embedding is None:
-            raise ValueError(
-                f"--kv-eviction judgeq: cannot find the input embedding (model.embed_tokens) of "
-                f"{type(self.model).__name__}; use a query-window policy such as snapkv"
-            )
-        soft_rows = soft_tokens.embeddings.to(self.device, self.model_config.dtype)
-        language_model.embed_tokens = SoftTokenEmbedding(embedding, self.model_config.get_vocab_size(), soft_rows)
+        install_soft_token_embedding(
+            self.model, self.eviction_policy, self.model_config.get_vocab_size(), self.model_config.dtype, self.device
+        )
 
     def initialize_kv_cache(self, *args, **kwargs) -> None:
         super().initialize_kv_cache(*args, **kwargs)
@@ -85,7 +68,17 @@ class EvictionCPUModelRunner(CPUModelRunner):
 
     def execute_model(self, scheduler_output: SchedulerOutput, intermediate_tensors=None):
         with step_scope():
-            return super().execute_model(scheduler_output, intermediate_tensors)
+            output = super().execute_model(scheduler_output, intermediate_tensors)
+            step = current_step()
+            self._eviction_seconds = step.timer.seconds if step is not None and step.jobs else None
+            return output
+
+    def sample_tokens(self, grammar_output):
+        output = super().sample_tokens(grammar_output)
+        if self._eviction_seconds is not None:
+            setattr(output, EVICTION_SECONDS_ATTR, self._eviction_seconds)
+            self._eviction_seconds = None
+        return output
 
     def _prepare_inputs(self, scheduler_output: SchedulerOutput, num_scheduled_tokens: np.ndarray):
         logits_indices, spec_decode_metadata = super()._prepare_inputs(scheduler_output, num_scheduled_tokens)

@@ -1,0 +1,64 @@
+"""The eviction work of one GPU forward pass: score and select per layer, compact once.
+
+The runner makes a :class:`GPUCompactionStep` current (``step.set_current_step``) for a
+step whose chunks end some prompts; each attention layer's ``forward`` calls
+:meth:`GPUCompactionStep.select_layer` after vLLM's attention (the step's KV is in the
+cache by then), and the runner calls :meth:`GPUCompactionStep.compact` once the whole
+forward has been enqueued: one ``compact_paged`` launch moves every layer's kept rows.
+All of it runs on the model's stream, without host syncs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ...kernels import compact_paged
+from ...policies import EvictionPolicy
+from ..step import KeptIndexRecorder
+from .selection import CompactionJobs, score_layer, select_kept
+
+
+@dataclass
+class GPUCompactionStep:
+    """Jobs of one step and what the layers have selected so far.
+
+    Attributes:
+        jobs: the requests whose prompt ends in this step.
+        policy: the engine's eviction policy.
+        num_layers: attention layers of the model.
+        recorder: where kept indices go, if a test asked for them (syncs: tests only).
+        kept: per layer, ``[J, num_kv_heads, max_keep]`` kept indices, once selected.
+        caches: per layer, the layer's KV cache, once seen.
+    """
+
+    jobs: CompactionJobs
+    policy: EvictionPolicy
+    num_layers: int
+    recorder: KeptIndexRecorder | None = None
+    kept: list[torch.Tensor | None] = field(default_factory=list)
+    caches: list[torch.Tensor | None] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.kept = [None] * self.num_layers
+        self.caches = [None] * self.num_layers
+
+    def select_layer(self, layer_idx: int, query: torch.Tensor, kv_cache: torch.Tensor, scale: float) -> None:
+        scores = score_layer(self.policy, self.jobs, query, kv_cache, scale)
+        kept = select_kept(scores, self.jobs)
+        self.kept[layer_idx] = kept
+        self.caches[layer_idx] = kv_cache
+        if self.recorder is not None:
+            for j, (req_id, plan) in enumerate(zip(self.jobs.req_ids, self.jobs.plans)):
+                self.recorder.record(req_id, layer_idx, kept[j, :, : plan.keep].cpu())
+
+    def compact(self) -> None:
+        """Moves every layer's kept rows to ``[S, S + k)`` of each job's blocks (one launch)."""
+        missing = [layer for layer, kept in enumerate(self.kept) if kept is None]
+        # a step replayed as a FULL CUDA graph runs no Python attention: the dispatch
+        # guard must have prevented that, and compacting half the layers would corrupt them
+        assert not missing, f"compaction step: layers {missing[:8]} selected nothing"
+        compact_paged(
+            self.caches, self.jobs.block_rows, torch.stack(self.kept), self.jobs.keep, dest_start=self.jobs.dest_start
+        )

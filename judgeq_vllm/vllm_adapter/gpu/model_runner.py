@@ -1,0 +1,243 @@
+"""Model Runner V2 with eviction: per-slot plans, physical offsets, compaction steps.
+
+NOTE on the buffers (docs/gpu-path-design.md §2-3). vLLM's own input buffers stay
+logical: they drive the sampler, ``min_tokens``, seeds and prefill detection exactly as
+without eviction. Attention and RoPE read two buffers of ours instead, ``attn_seq_lens``
+and ``rope_positions``, handed to the model by :class:`EvictionModelState` both when
+CUDA graphs are captured and on every step, so FULL decode graphs replay with them. On
+steps where some request of the batch reads a compacted cache (or is compacted), one
+Triton launch (``offsets.apply_eviction_offsets``) writes them and edits vLLM's slot
+mapping, attention block table and logits indices in place; on other steps two copies do.
+
+Per-request state is one ``plan_state`` row per MRV2 request slot, written on the
+compaction step and reset when the slot gets a new request. Its rules are conditioned on
+positions, so no per-step scheduler data is needed beyond the compaction jobs.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import torch
+import vllm.v1.worker.gpu.model_runner as mrv2
+from vllm.config.compilation import CUDAGraphMode
+from vllm.model_executor.layers.attention import Attention
+from vllm.v1.worker.gpu.buffer_utils import StagedWriteTensor
+from vllm.v1.worker.gpu.cudagraph_utils import BatchExecutionDescriptor
+from vllm.v1.worker.gpu.model_states.default import DefaultModelState
+
+from ..config import EvictionConfig
+from ..embedding import install_soft_token_embedding
+from ..plan import EvictionPlan
+from ..step import KeptIndexRecorder, current_step, set_current_step
+from .attention import EvictionImplMixin
+from .compaction import GPUCompactionStep
+from .offsets import NO_PLAN, PLAN_FIELDS, TOTAL_LEN, apply_eviction_offsets
+from .selection import build_jobs
+
+SUPPORTED_BACKENDS = "FLASH_ATTN, TRITON_ATTN and FLASHINFER"
+
+
+class EvictionModelState(DefaultModelState):
+    """Hands our ``attn_seq_lens`` and ``rope_positions`` to attention and RoPE."""
+
+    def __init__(self, runner: "EvictionGPUModelRunner", *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.rope_state is not None:
+            raise ValueError("--kv-eviction supports 1-D RoPE models only (M-RoPE models are multimodal)")
+        self.runner = runner
+
+    def prepare_attn(self, input_batch, cudagraph_mode, block_tables, slot_mappings, attn_groups, kv_cache_config,
+                     for_capture: bool = False):
+        runner = self.runner
+        num_reqs = input_batch.num_reqs_after_padding
+        if for_capture or not runner.offsets_applied:
+            runner.attn_seq_lens[:num_reqs].copy_(input_batch.seq_lens[:num_reqs])
+        # the builders read seq_lens from the batch; the sampler later reads the logical ones
+        logical_seq_lens = input_batch.seq_lens
+        input_batch.seq_lens = runner.attn_seq_lens[:num_reqs]
+        try:
+            return super().prepare_attn(
+                input_batch, cudagraph_mode, block_tables, slot_mappings, attn_groups, kv_cache_config,
+                for_capture=for_capture,
+            )
+        finally:
+            input_batch.seq_lens = logical_seq_lens
+
+    def prepare_inputs(self, input_batch, req_states) -> dict:
+        runner = self.runner
+        num_tokens = input_batch.num_tokens_after_padding
+        if not runner.offsets_applied:
+            runner.rope_positions[:num_tokens].copy_(input_batch.positions[:num_tokens])
+        runner.offsets_applied = False
+        return {**super().prepare_inputs(input_batch, req_states), "positions": runner.rope_positions[:num_tokens]}
+
+    def prepare_dummy_inputs(self, num_reqs: int, num_tokens: int) -> dict:
+        return {**super().prepare_dummy_inputs(num_reqs, num_tokens), "positions": self.runner.rope_positions[:num_tokens]}
+
+
+class EvictionGPUModelRunner(mrv2.GPUModelRunner):
+    """MRV2's runner plus the eviction seams; see the module note."""
+
+    def __init__(self, vllm_config, device: torch.device):
+        super().__init__(vllm_config, device)
+        config = EvictionConfig.from_additional_config(vllm_config.additional_config)
+        assert config is not None, "EvictionGPUModelRunner is only built when eviction is on"
+        self.eviction_policy = config.build_policy()
+        self.num_attention_layers = self.model_config.get_num_layers(self.parallel_config)
+        # opt-in debug hook (tests): records the kept indices of every compaction (syncs)
+        self.kept_index_recorder: KeptIndexRecorder | None = None
+        self.attn_seq_lens = torch.zeros(self.max_num_reqs, dtype=torch.int32, device=device)
+        self.rope_positions = torch.zeros(self.max_num_tokens, dtype=torch.int64, device=device)
+        self.plan_state = StagedWriteTensor((self.max_num_reqs, PLAN_FIELDS), dtype=torch.int32, device=device)
+        self.plan_state.gpu[:, TOTAL_LEN] = NO_PLAN
+        # host mirror of plan_state[:, TOTAL_LEN]: which steps need the offsets kernel
+        self.plan_total_len = np.full(self.max_num_reqs, NO_PLAN, dtype=np.int64)
+        # request slot -> plan row to write this step (one write per slot: apply_write
+        # takes at most max_num_reqs rows)
+        self._plan_rows: dict[int, list[int]] = {}
+        self._step_jobs: dict[str, EvictionPlan] = {}
+        # set by prepare_attn when the offsets kernel wrote our buffers, read by the model state
+        self.offsets_applied = False
+
+    # ---- set-up -------------------------------------------------------------------
+
+    def load_model(self, *args, **kwargs) -> None:
+        original = mrv2.init_model_state
+        mrv2.init_model_state = functools.partial(_init_eviction_model_state, self)
+        try:
+            super().load_model(*args, **kwargs)
+        finally:
+            mrv2.init_model_state = original
+        install_soft_token_embedding(self.model, self.eviction_policy, self.vocab_size, self.model_config.dtype, self.device)
+        self._check_attention_backends()
+
+    def _check_attention_backends(self) -> None:
+        for name, layer in self.compilation_config.static_forward_context.items():
+            if isinstance(layer, Attention) and not isinstance(layer.impl, EvictionImplMixin):
+                raise ValueError(
+                    f"--kv-eviction supports the {SUPPORTED_BACKENDS} attention backends; layer {name} uses "
+                    f"{layer.attn_backend.get_name()}; pass --attention-backend FLASH_ATTN"
+                )
+
+    def initialize_kv_cache(self, *args, **kwargs) -> None:
+        super().initialize_kv_cache(*args, **kwargs)
+        if self.block_tables.blocks_per_kv_block[0] != 1:
+            raise ValueError(
+                f"--kv-eviction needs the attention kernel's block size to equal the KV block size "
+                f"({self.block_tables.kernel_block_sizes[0]} vs {self.block_tables.block_sizes[0]})"
+            )
+        self.kernel_block_size = self.block_tables.kernel_block_sizes[0]
+        if self.cudagraph_manager is not None:
+            self._guard_full_graphs_on_compaction_steps()
+
+    def _guard_full_graphs_on_compaction_steps(self) -> None:
+        # a FULL graph runs no Python attention, so no scoring: a compaction step falls
+        # back to its PIECEWISE graph, or eager
+        manager = self.cudagraph_manager
+        dispatch = manager.dispatch
+
+        def dispatch_without_full_compaction(num_reqs, num_tokens, uniform_token_count, num_active_loras=0):
+            desc = dispatch(num_reqs, num_tokens, uniform_token_count, num_active_loras=num_active_loras)
+            if not self._step_jobs or desc.cg_mode != CUDAGraphMode.FULL:
+                return desc
+            desc = dispatch(num_reqs, num_tokens, None, num_active_loras=num_active_loras)
+            if desc.cg_mode == CUDAGraphMode.FULL:
+                desc = BatchExecutionDescriptor(CUDAGraphMode.NONE, num_tokens, num_reqs, num_active_loras=num_active_loras)
+            return desc
+
+        manager.dispatch = dispatch_without_full_compaction
+
+    def warm_up_eviction_kernels(self) -> None:
+        """Compiles our Triton kernels before vLLM's JIT monitor starts watching."""
+        from .warmup import warm_up_kernels
+
+        warm_up_kernels(self)
+
+    # ---- per step -----------------------------------------------------------------
+
+    def add_requests(self, scheduler_output) -> None:
+        super().add_requests(scheduler_output)
+        for new_request in scheduler_output.scheduled_new_reqs:
+            slot = self.req_states.req_id_to_index[new_request.req_id]
+            self._plan_rows[slot] = [NO_PLAN] + [0] * (PLAN_FIELDS - 1)
+            self.plan_total_len[slot] = NO_PLAN
+
+    def update_requests(self, scheduler_output) -> None:
+        super().update_requests(scheduler_output)
+        # warm-up passes SchedulerOutput.make_empty(), which has no eviction attributes
+        self._step_jobs = getattr(scheduler_output, "judgeq_jobs", None) or {}
+        for req_id, plan in self._step_jobs.items():
+            slot = self.req_states.req_id_to_index[req_id]
+            self._plan_rows[slot] = [
+                plan.total_len, plan.num_soft, plan.slot_shift, plan.total_len - plan.keep, plan.freed_blocks
+            ]
+            self.plan_total_len[slot] = plan.total_len
+        if self._plan_rows:
+            for slot, row in self._plan_rows.items():
+                self.plan_state.stage_write(slot, 0, row)
+            self.plan_state.apply_write()
+            self._plan_rows.clear()
+
+    def prepare_attn(self, input_batch):
+        block_tables, slot_mappings = super().prepare_attn(input_batch)
+        if self._step_jobs:
+            set_current_step(self._compaction_step(input_batch))
+        num_reqs = input_batch.num_reqs
+        upper_seq_lens = input_batch.seq_lens_cpu_upper_bound[:num_reqs].numpy()
+        if (upper_seq_lens >= self.plan_total_len[input_batch.idx_mapping_np]).any():
+            apply_eviction_offsets(
+                input_batch.idx_mapping,
+                input_batch.query_start_loc,
+                self.input_buffers.seq_lens,
+                self.input_buffers.positions,
+                self.plan_state.gpu,
+                self.block_tables.block_tables[0].gpu,
+                self.block_tables.input_block_tables[0],
+                slot_mappings[0],
+                input_batch.logits_indices,
+                self.attn_seq_lens,
+                self.rope_positions,
+                num_reqs=num_reqs,
+                num_reqs_padded=input_batch.num_reqs_after_padding,
+                num_tokens=input_batch.num_tokens,
+                num_tokens_padded=input_batch.num_tokens_after_padding,
+                block_size=self.kernel_block_size,
+            )
+            self.offsets_applied = True
+        return block_tables, slot_mappings
+
+    def _compaction_step(self, input_batch) -> GPUCompactionStep:
+        batch_rows = {req_id: row for row, req_id in enumerate(input_batch.req_ids)}
+        req_ids = list(self._step_jobs)
+        plans = [self._step_jobs[req_id] for req_id in req_ids]
+        query_ends = [int(input_batch.query_start_loc_np[batch_rows[req_id] + 1]) for req_id in req_ids]
+        slots = torch.tensor([self.req_states.req_id_to_index[req_id] for req_id in req_ids], dtype=torch.int64)
+        block_rows = self.block_tables.block_tables[0].gpu.index_select(0, slots.to(self.device, non_blocking=True))
+        jobs = build_jobs(self.eviction_policy, req_ids, plans, query_ends, block_rows, self.device)
+        return GPUCompactionStep(jobs, self.eviction_policy, self.num_attention_layers, self.kept_index_recorder)
+
+    @torch.inference_mode()
+    def execute_model(self, scheduler_output, intermediate_tensors=None, dummy_run: bool = False,
+                      skip_attn_for_dummy_run: bool = False, is_profile: bool = False):
+        try:
+            output = super().execute_model(
+                scheduler_output, intermediate_tensors, dummy_run, skip_attn_for_dummy_run, is_profile
+            )
+            step = current_step()
+            if isinstance(step, GPUCompactionStep):
+                # after every layer's attention and before sampling: the async output
+                # copy waits for it, so the scheduler frees the head blocks after it ran
+                step.compact()
+            return output
+        finally:
+            set_current_step(None)
+            self._step_jobs = {}
+            self.offsets_applied = False
+
+
+def _init_eviction_model_state(runner: EvictionGPUModelRunner, vllm_config, model, encoder_cache, device):
+    if hasattr(model, "get_model_state_cls"):
+        raise ValueError(f"--kv-eviction does not support {type(model).__name__}: it brings its own model state")
+    return EvictionModelState(runner, vllm_config, model, encoder_cache, device)
