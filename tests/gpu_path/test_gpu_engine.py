@@ -4,7 +4,8 @@ async scheduling, prefix caching; chunked prefill forced by a 512-token step bud
 
 - budget above every prompt: greedy tokens identical to vanilla vLLM (all classes installed);
 - tight budget, each GPU policy: kept (layer, kv head) sets vs the HF reference in bf16
-  (identical sets >= 99%, the rest within bf16 near-ties), greedy tokens reported,
+  and fp32 (the engine must agree with fp32 as well as HF's own bf16 does), greedy
+  tokens reported,
   soft ids never returned, blocks freed = the plans' head blocks, pool back to its start;
 - aborts mid-prefill and mid-decode leave no block behind.
 
@@ -124,12 +125,39 @@ def vanilla_tokens(model_dir, prompts):
 
 @pytest.fixture(scope="module")
 def hf_reference(model_dir):
+    """The HF reference in bf16 (the engine's dtype) and in fp32 (the exact choice)."""
     from judgeq_vllm.reference import load_reference_model
 
-    model = load_reference_model(model_dir, dtype=torch.bfloat16).cuda()
-    yield model
-    del model
+    models = {dtype: load_reference_model(model_dir, dtype=dtype).cuda() for dtype in (torch.bfloat16, torch.float32)}
+    yield models
+    models.clear()
     torch.cuda.empty_cache()
+
+
+class SetAgreement:
+    """How often two selections keep the same (layer, kv head) sets, and their mean overlap."""
+
+    def __init__(self):
+        self.identical, self.total, self.overlap = 0, 0, 0.0
+        self.identical_by_layer: dict[int, list[int]] = {}
+
+    def add(self, layer, got, expected):
+        for head in range(expected.shape[0]):
+            same = torch.equal(got[head], expected[head])
+            self.identical += same
+            self.total += 1
+            self.overlap += len(set(got[head].tolist()) & set(expected[head].tolist())) / expected.shape[1]
+            counts = self.identical_by_layer.setdefault(layer, [0, 0])
+            counts[0] += same
+            counts[1] += 1
+
+    def as_dict(self):
+        return {
+            "identical_sets": self.identical,
+            "total_sets": self.total,
+            "mean_overlap": self.overlap / max(self.total, 1),
+            "identical_fraction_by_layer": [round(a / b, 3) for _, (a, b) in sorted(self.identical_by_layer.items())],
+        }
 
 
 def test_budget_above_every_prompt_changes_nothing(model_dir, prompts, vanilla_tokens):
@@ -145,23 +173,11 @@ def test_budget_above_every_prompt_changes_nothing(model_dir, prompts, vanilla_t
     assert tokens == vanilla_tokens
 
 
-def _near_tie_mismatches(policy, inputs, got, expected, rtol):
-    """Tokens in the symmetric difference whose reference score is not within rtol of the cut."""
-    scores = policy.score(inputs).float()
-    protected = policy.protected_mask(inputs.num_candidates)
-    far = 0
-    for head in range(expected.shape[0]):
-        a, b = set(got[head].tolist()), set(expected[head].tolist())
-        if a == b:
-            continue
-        free = [t for t in b if not protected[t]]
-        threshold = float(scores[head, free].min()) if free else 0.0
-        far += sum(abs(float(scores[head, t]) - threshold) > rtol * abs(threshold) + 1e-6 for t in a ^ b)
-    return far
-
-
 @pytest.mark.parametrize("name", POLICIES)
 def test_policy_matches_the_reference(name, model_dir, prompts, hf_reference):
+    """Kept sets against the HF reference. bf16 kernels differ from HF's bf16 in rounding,
+    which moves tokens near the cut; the test measures that noise as HF bf16 vs HF fp32
+    and requires the engine (bf16) to agree with fp32 as well as HF's own bf16 does."""
     from judgeq_vllm.policies import KVBudget
     from judgeq_vllm.reference import generate_many
     from judgeq_vllm.vllm_adapter.plan import plan_request
@@ -176,36 +192,33 @@ def test_policy_matches_the_reference(name, model_dir, prompts, hf_reference):
     stats = engine_core(llm).judgeq_stats()
     shutdown(llm)
     policy = policy_for(name)
-    expected_freed = 0
-    same_sets = total_sets = same_tokens = far = 0
-    overlap = []
+    budget = KVBudget(tokens=BUDGET)
+    expected_freed = same_tokens = 0
+    engine_vs_bf16, engine_vs_fp32, bf16_vs_fp32 = SetAgreement(), SetAgreement(), SetAgreement()
     for prompt, output in zip(prompts, outputs):
         assert list(output.prompt_token_ids) == prompt
-        plan = plan_request(len(prompt), policy, KVBudget(tokens=BUDGET), BLOCK_SIZE, 30)
+        plan = plan_request(len(prompt), policy, budget, BLOCK_SIZE, 30)
         expected_freed += plan.freed_blocks if plan else 0
-        (reference,), recorded = generate_many(hf_reference, prompt, [(policy, KVBudget(tokens=BUDGET))], MAX_NEW_TOKENS)
+        (ref_bf16,), _ = generate_many(hf_reference[torch.bfloat16], prompt, [(policy, budget)], MAX_NEW_TOKENS)
+        (ref_fp32,), _ = generate_many(hf_reference[torch.float32], prompt, [(policy, budget)], 1)
         tokens = list(output.outputs[0].token_ids)
-        same_tokens += tokens == reference.token_ids[: len(tokens)]
+        same_tokens += tokens == ref_bf16.token_ids[: len(tokens)]
         engine_kept = recorder.for_request(output.request_id)
-        assert (engine_kept is None) == (reference.kept_indices is None)
+        assert (engine_kept is None) == (ref_bf16.kept_indices is None)
         if engine_kept is None:
             continue
-        for layer, expected in enumerate(reference.kept_indices):
+        for layer, expected in enumerate(ref_bf16.kept_indices):
             got = engine_kept[layer].cpu()
             assert got.shape == expected.shape
-            for head in range(expected.shape[0]):
-                total_sets += 1
-                same_sets += torch.equal(got[head], expected[head])
-                overlap.append(len(set(got[head].tolist()) & set(expected[head].tolist())) / expected.shape[1])
-            if not torch.equal(got, expected):
-                far += _near_tie_mismatches(policy, recorded.score_inputs(policy, layer), got, expected, 2e-2)
+            engine_vs_bf16.add(layer, got, expected)
+            engine_vs_fp32.add(layer, got, ref_fp32.kept_indices[layer])
+            bf16_vs_fp32.add(layer, expected, ref_fp32.kept_indices[layer])
     RESULTS[name] = {
         "budget": BUDGET,
-        "identical_sets": same_sets,
-        "total_sets": total_sets,
-        "mean_overlap": sum(overlap) / len(overlap),
-        "tokens_outside_bf16_near_ties": far,
-        "identical_greedy_outputs": same_tokens,
+        "engine_vs_hf_bf16": engine_vs_bf16.as_dict(),
+        "engine_vs_hf_fp32": engine_vs_fp32.as_dict(),
+        "hf_bf16_vs_hf_fp32": bf16_vs_fp32.as_dict(),
+        "identical_greedy_outputs_vs_hf_bf16": same_tokens,
         "prompts": len(prompts),
         "blocks_freed": stats["blocks_freed"],
         "expected_blocks_freed": expected_freed,
@@ -214,7 +227,8 @@ def test_policy_matches_the_reference(name, model_dir, prompts, hf_reference):
     print(json.dumps({name: RESULTS[name]}))
     assert free_at_end == free_at_start
     assert stats["blocks_freed"] == expected_freed
-    assert same_sets >= 0.99 * total_sets
+    floor = bf16_vs_fp32.as_dict()["mean_overlap"]
+    assert engine_vs_fp32.as_dict()["mean_overlap"] >= floor - 0.01
 
 
 def test_aborts_leave_no_block_behind(model_dir, prompts):
