@@ -11,6 +11,14 @@ step, a token at vLLM position ``p >= L'`` is computed at RoPE position ``p - n`
 goes to logical slot ``p - delta`` and attention reads ``k + (p - L' + 1)`` rows starting
 at block ``S / bs``.
 
+Compress, then ask (a per-request compression boundary ``N``): only the first ``N``
+prompt tokens (a document, a system prompt) are eviction candidates, the soft tokens go
+right after them, and the ``Q = P - N`` tokens after the boundary (the question) follow
+the soft tokens untouched. The plan then describes the candidates only (``prompt_len =
+N``, ``L' = N + n``); the question is prefilled after the compaction step under the same
+``p >= L'`` rules as generated tokens (RoPE ``p - n``, slot ``p - delta``), so the worker
+needs nothing new. vLLM's prompt length is ``L' + Q``.
+
 Per-layer budgets (PyramidKV): blocks are shared by all layers, so allocation and
 freeing follow the largest layer's count ``k = max_l k_l``. Layer ``l`` keeps its
 ``k_l`` rows at ``[S, S + k_l)`` and writes later tokens right after them, at slot
@@ -30,7 +38,8 @@ class EvictionPlan:
     """What happens to one request; decided once, when the scheduler admits it.
 
     Attributes:
-        prompt_len: ``P``, the user's prompt tokens (the eviction candidates).
+        prompt_len: the eviction candidates: the user's prompt (``P``), or its first ``N``
+            tokens when the request sets a compression boundary.
         num_soft: ``n``, soft tokens appended after the prompt (Judge Q), else 0.
         num_observations: queries the policy scores with: the soft tokens, or the last
             ``min(window, P)`` prompt tokens, or none.
@@ -39,6 +48,8 @@ class EvictionPlan:
         layer_keeps: ``k_l``, rows kept per kv head in each layer (equal for every
             layer except with per-layer budgets).
         block_size: KV-cache block size.
+        suffix_len: prompt tokens after the boundary (the question), placed after the soft
+            tokens and never evicted; 0 without a boundary.
     """
 
     prompt_len: int
@@ -47,6 +58,7 @@ class EvictionPlan:
     budget_keep: int
     layer_keeps: tuple[int, ...]
     block_size: int
+    suffix_len: int = 0
 
     @property
     def keep(self) -> int:
@@ -60,8 +72,14 @@ class EvictionPlan:
 
     @property
     def total_len(self) -> int:
-        """``L'``: vLLM's prompt length, soft tokens included."""
+        """``L'``: candidates plus soft tokens, where the compaction step's chunk ends (and
+        vLLM's prompt length, unless a question follows the boundary)."""
         return self.prompt_len + self.num_soft
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        """vLLM's prompt length: candidates, soft tokens and the question after them."""
+        return self.total_len + self.suffix_len
 
     @property
     def first_kept_slot(self) -> int:
@@ -110,9 +128,10 @@ def observation_count(policy: EvictionPolicy, prompt_len: int) -> int:
 
 
 def plan_request(
-    prompt_len: int, policy: EvictionPolicy, budget: KVBudget, block_size: int, num_layers: int
+    prompt_len: int, policy: EvictionPolicy, budget: KVBudget, block_size: int, num_layers: int, suffix_len: int = 0
 ) -> EvictionPlan | None:
-    """The plan for a prompt of ``prompt_len`` tokens, or ``None`` when it fits the budget."""
+    """The plan for ``prompt_len`` candidate tokens followed by ``suffix_len`` kept ones
+    (a question after a compression boundary), or ``None`` when the candidates fit the budget."""
     if not budget.evicts(prompt_len):
         return None
     budget_keep = budget.keep_count(prompt_len)
@@ -125,4 +144,5 @@ def plan_request(
         budget_keep=budget_keep,
         layer_keeps=layer_keeps,
         block_size=block_size,
+        suffix_len=suffix_len,
     )

@@ -73,6 +73,13 @@ class KeptIndexRecorder:
         return found[0] if found else None
 
 
+@dataclass
+class CompactionTimer:
+    """Seconds one forward pass has spent in scoring and compaction, all layers."""
+
+    seconds: float = 0.0
+
+
 @dataclass(frozen=True)
 class EvictionStep:
     """The eviction work and offsets of one forward pass.
@@ -86,6 +93,7 @@ class EvictionStep:
         layer_slot_mappings: per layer, the KV slots of the step's tokens, when a shifted
             request keeps a different count per layer (PyramidKV); ``None``: every layer
             writes where the runner's slot mapping says.
+        timer: where the attention layers add the time their compaction takes.
     """
 
     jobs: list[CompactionJob] = field(default_factory=list)
@@ -94,6 +102,13 @@ class EvictionStep:
     num_layers: int = 0
     recorder: KeptIndexRecorder | None = None
     layer_slot_mappings: list[torch.Tensor] | None = None
+    timer: CompactionTimer = field(default_factory=CompactionTimer)
+
+
+# the ModelRunnerOutput attribute by which a worker reports, for a step that compacted,
+# the seconds it spent scoring and compacting (the scheduler's eviction-time histogram;
+# an extra attribute survives the pickled worker -> EngineCore hop)
+EVICTION_SECONDS_ATTR = "judgeq_eviction_seconds"
 
 
 _CURRENT: EvictionStep | None = None

@@ -8,6 +8,7 @@ the step (``current_step() is None``) every method is vLLM's own.
 from __future__ import annotations
 
 import dataclasses
+import time
 
 import torch
 from vllm.model_executor.models.utils import extract_layer_index
@@ -90,9 +91,11 @@ class EvictionCPUAttentionImpl(CPUAttentionBackendImpl):
         # attn_metadata is None during warm-up; the step's KV is already in the cache and
         # no later token of these requests has passed this layer yet
         if attn_metadata is not None and step is not None and step.jobs:
+            started = time.perf_counter()
             layer_idx = extract_layer_index(layer.layer_name)
             for job in step.jobs:
                 self._compact(job, step, layer, layer_idx, query, kv_cache, attn_metadata)
+            step.timer.seconds += time.perf_counter() - started
         return output
 
     def do_kv_cache_update(
