@@ -12,6 +12,13 @@ causal, and a decode step sees the whole compressed cache. (The attention functi
 still registered with sdpa's mask builder, so that other users of the model, such as
 training's cached soft-token forward or padded batch generation, get correct masks.)
 
+Compress, then ask (``compress_prefix=N``): only the first ``N`` prompt tokens (a
+document) are prefilled and observed (Judge Q's soft tokens follow them), the cache is
+compressed, and the rest of the prompt (the question) is then fed one token at a time at
+positions ``N..P-1`` against the compressed cache; the first generated token comes from
+the question's last token. One token at a time needs no attention mask even when layers
+keep different counts (PyramidKV).
+
 Everything the vLLM path does must agree with this file: same kept indices per (layer,
 head), same greedy tokens (fp32 on CPU).
 """
@@ -108,7 +115,8 @@ class EvictionResult:
         prompt_len: tokens in the prompt (soft tokens not counted).
         kept_indices: per layer, ``[num_kv_heads, k]`` kept prompt-token indices (sorted);
             ``None`` when the prompt fit the budget and nothing was evicted.
-        cache_lengths: per layer, KV entries per head left after prefill (soft KV dropped).
+        cache_lengths: per layer, KV entries per head left after prefill (soft KV dropped;
+            with a compression boundary, the question's entries included).
         positions: the position id of every generated token's *input* step, i.e. the
             first generated token is fed back at ``positions[0] == prompt_len``.
     """
@@ -155,6 +163,7 @@ def generate(
     max_new_tokens: int,
     stop_token_ids: Sequence[int] | None = None,
     force_eviction_pass: bool = False,
+    compress_prefix: int | None = None,
 ) -> EvictionResult:
     """Greedy generation with one-shot eviction at the end of prefill.
 
@@ -168,24 +177,32 @@ def generate(
         force_eviction_pass: run the observation/eviction machinery even when the prompt
             fits the budget (keeping every prompt token); tests use it to show that soft
             tokens and the compressed cache leave the output unchanged.
+        compress_prefix: ``N``: only the first ``N`` prompt tokens are candidates, the
+            rest (the question) is fed after compression (module note); ``None``: all.
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
     prompt_len = len(prompt_ids)
     if prompt_len == 0:
         raise ValueError("the prompt is empty")
-    keep = budget.keep_count(prompt_len)
-    evict = force_eviction_pass or keep < prompt_len
-    num_obs = _observation_count(policy, prompt_len) if evict else 0
+    num_candidates = prompt_len if compress_prefix is None else compress_prefix
+    if not 1 <= num_candidates <= prompt_len:
+        raise ValueError(f"compress_prefix={compress_prefix} must be in [1, {prompt_len}]")
+    keep = budget.keep_count(num_candidates)
+    evict = force_eviction_pass or keep < num_candidates
+    if not evict:
+        # nothing is evicted, so nothing is held back for later: one plain prefill
+        num_candidates = prompt_len
+    num_obs = _observation_count(policy, num_candidates) if evict else 0
 
     device = model.device
-    ids = torch.tensor([list(prompt_ids)], device=device)
+    ids = torch.tensor([list(prompt_ids[:num_candidates])], device=device)
     embeds = model.get_input_embeddings()(ids)
     if evict and policy.observation_source == ObservationSource.SOFT_TOKENS:
         embeds = torch.cat([embeds, _soft_token_embeddings(model, policy)], dim=1)
 
     with _recording(num_obs) if evict else contextlib.nullcontext() as recorder:
-        out, cache = _prefill(model, embeds, prompt_len)
+        out, cache = _prefill(model, embeds, num_candidates)
 
     kept = None
     if evict:
@@ -196,7 +213,7 @@ def generate(
                 ScoreInputs(
                     queries=recorder.queries[layer].cpu(),
                     keys=recorder.keys[layer].cpu(),
-                    num_candidates=prompt_len,
+                    num_candidates=num_candidates,
                     scale=attention.scaling,
                     layer_idx=layer,
                     num_layers=num_layers,
@@ -206,12 +223,28 @@ def generate(
             for layer in range(num_layers)
         ]
         _compress_cache(cache, kept)
+    logits = out.logits[0, -1]
+    if num_candidates < prompt_len:
+        logits = _feed(model, cache, prompt_ids[num_candidates:], num_candidates)
     cache_lengths = [layer.keys.shape[2] for layer in cache.layers]
 
     tokens, positions = _greedy_decode(
-        model, cache, int(out.logits[0, -1].argmax()), prompt_len, max_new_tokens, _stop_ids(model, stop_token_ids)
+        model, cache, int(logits.argmax()), prompt_len, max_new_tokens, _stop_ids(model, stop_token_ids)
     )
     return EvictionResult(tokens, prompt_len, kept, cache_lengths, positions)
+
+
+def _feed(model: torch.nn.Module, cache: DynamicCache, token_ids: Sequence[int], start: int) -> torch.Tensor:
+    """Feeds ``token_ids`` one at a time at positions ``start, start + 1, ...``; returns the
+    last one's logits."""
+    for offset, token in enumerate(token_ids):
+        out = model(
+            input_ids=torch.tensor([[token]], device=model.device),
+            position_ids=torch.tensor([[start + offset]], device=model.device),
+            past_key_values=cache,
+            use_cache=True,
+        )
+    return out.logits[0, -1]
 
 
 def _prefill(model: torch.nn.Module, embeds: torch.Tensor, prompt_len: int) -> tuple[Any, DynamicCache]:
