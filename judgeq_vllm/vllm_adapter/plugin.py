@@ -97,6 +97,10 @@ def _selecting_eviction_classes(create_engine_config):
         if config is not None:
             validate_engine(config, vllm_config)
             _select_classes(vllm_config)
+            # this is the front-end process: per-request checks and metrics live here
+            from .frontend import install_front_end_hooks
+
+            install_front_end_hooks()
         return vllm_config
 
     return create_engine_config_with_eviction

@@ -225,7 +225,7 @@ class EvictionSchedulerMixin:
         now = time.monotonic()
         if now - self._stats_logged_at >= STATS_LOG_INTERVAL_S:
             self._stats_logged_at = now
-            logger.info("judgeq eviction counters: %s", self.eviction_stats.as_dict())
+            logger.info("judgeq eviction counters: %s", self.eviction_stats.summary())
 
     def eviction_snapshot(self) -> dict:
         """The counters, and the block pool now (what ``judgeq_stats`` returns)."""
@@ -244,7 +244,7 @@ class EvictionSchedulerMixin:
         return result
 
     def shutdown(self) -> None:
-        logger.info("judgeq eviction counters: %s", self.eviction_stats.as_dict())
+        logger.info("judgeq eviction counters: %s", self.eviction_stats.summary())
         super().shutdown()
 
 

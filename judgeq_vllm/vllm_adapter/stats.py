@@ -93,6 +93,10 @@ class EvictionStats:
         """Fraction of the compacted prompts' KV removed (0 when nothing was compacted)."""
         return self.tokens_evicted / self.prompt_tokens if self.prompt_tokens else 0.0
 
+    def summary(self) -> dict:
+        """``as_dict`` without the histograms: the log line."""
+        return {key: value for key, value in self.as_dict().items() if not key.endswith("_histogram")}
+
     def as_dict(self) -> dict:
         return {
             "requests_by_policy": dict(self.requests_by_policy),

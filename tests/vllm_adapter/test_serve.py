@@ -1,9 +1,7 @@
 """A real OpenAI-compatible server with --kv-eviction, driven by the official client."""
 
 import ast
-import os
-import signal
-import socket
+import functools
 import subprocess
 import sys
 import time
@@ -11,72 +9,30 @@ import urllib.request
 
 import pytest
 
-STARTUP_TIMEOUT_S = 300
-SHUTDOWN_TIMEOUT_S = 60
+from judgeq_vllm.vllm_adapter.serve import LocalServer
+
+SERVE_FLAGS = [
+    "--served-model-name", "smollm2", "--dtype", "float32", "--enforce-eager", "--block-size", "16",
+    "--max-model-len", "1024", "--max-num-batched-tokens", "256", "--kv-cache-memory-bytes", str(256 * 2**20),
+]
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def serve_command(model_dir, port, *flags):
-    return [
-        sys.executable, "-m", "judgeq_vllm.vllm_adapter.serve", "--model", model_dir, "--served-model-name", "smollm2",
-        "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--enforce-eager", "--block-size", "16",
-        "--max-model-len", "1024", "--max-num-batched-tokens", "256", "--kv-cache-memory-bytes", str(256 * 2**20),
-        *flags,
-    ]
-
-
-def server_env():
-    env = dict(os.environ)
-    env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # the real process layout
-    return env
-
-
-def stop(process) -> int:
-    process.send_signal(signal.SIGINT)
-    try:
-        return process.wait(timeout=SHUTDOWN_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
-        raise
+def serve_flags(model_dir, *flags):
+    return ["--model", model_dir, *SERVE_FLAGS, *flags]
 
 
 @pytest.fixture(scope="module")
 def server(smollm2_dir, tmp_path_factory):
-    port = free_port()
     log_path = tmp_path_factory.mktemp("serve") / "server.log"
-    with open(log_path, "w") as log:
-        process = subprocess.Popen(
-            serve_command(smollm2_dir, port, "--kv-eviction", "snapkv", "--kv-budget", "64", "--kv-window", "16"),
-            stdout=log, stderr=subprocess.STDOUT, env=server_env(), start_new_session=True,
-        )
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    try:
-        while True:
-            assert process.poll() is None, f"server exited with {process.returncode}:\n{log_path.read_text()[-3000:]}"
-            assert time.monotonic() < deadline, f"server not up in {STARTUP_TIMEOUT_S} s:\n{log_path.read_text()[-3000:]}"
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                time.sleep(2)
-        yield {"url": f"http://127.0.0.1:{port}/v1", "process": process, "log": log_path}
-    finally:
-        if process.poll() is None:
-            stop(process)
+    with LocalServer(serve_flags(smollm2_dir, "--kv-eviction", "snapkv", "--kv-budget", "64", "--kv-window", "16"), log_path) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
 def client(server):
     import openai
 
-    return openai.OpenAI(base_url=server["url"], api_key="unused", timeout=120)
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", timeout=120)
 
 
 @pytest.fixture(scope="module")
@@ -113,10 +69,108 @@ def test_chat_streaming_and_not(client, tokenizer, long_text):
     assert streamed == full.choices[0].message.content
 
 
+def metric_samples(server) -> dict[str, float]:
+    """``judgeq:*`` samples of ``/metrics``, keyed ``name{label=value,...}`` without the
+    ``model_name`` and ``engine`` labels."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"{server.url}/metrics", timeout=30) as response:
+        text = response.read().decode()
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = {k: v for k, v in sample.labels.items() if k not in ("model_name", "engine")}
+            key = sample.name + ("{" + ",".join(f"{k}={v}" for k, v in sorted(labels.items())) + "}" if labels else "")
+            if key.startswith("judgeq:"):
+                samples[key] = sample.value
+    return samples
+
+
+def settled_samples(server, expected: dict[str, float], timeout_s: float = 20.0) -> dict[str, float]:
+    """The samples once every key of ``expected`` has its value: EngineCore's counters reach
+    /metrics through a poll every second."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        samples = metric_samples(server)
+        if all(samples.get(key) == value for key, value in expected.items()) or time.monotonic() > deadline:
+            return samples
+        time.sleep(0.5)
+
+
+def xargs(**settings):
+    return {"vllm_xargs": settings}
+
+
+def test_per_request_settings_over_http(server, client, tokenizer, long_text):
+    prompt = tokenizer(long_text)["input_ids"]  # completions take token ids: exact lengths
+    ask = functools.partial(client.completions.create, model="smollm2", prompt=prompt, max_tokens=8, temperature=0.0)
+    ask()  # the metrics poller starts with the first request
+    time.sleep(2)
+    before = metric_samples(server)
+    boundary = len(prompt) - 20
+    ask(extra_body=xargs(kv_budget=32))
+    ask(extra_body=xargs(kv_compress_prefix=boundary))
+    off = ask(extra_body=xargs(kv_eviction="none"))
+    fits = ask(extra_body=xargs(kv_budget=4096))
+    # both run without eviction: the full prompt's KV
+    assert off.choices[0].text == fits.choices[0].text
+
+    def grown(key, by):
+        return {key: before.get(key, 0.0) + by}
+
+    expected = {
+        **grown("judgeq:requests_total{policy=snapkv}", 2),
+        **grown("judgeq:requests_total{policy=none}", 2),
+        **grown("judgeq:requests_skipped_total{reason=off_by_request}", 1),
+        **grown("judgeq:requests_skipped_total{reason=fits_budget}", 1),
+        **grown("judgeq:compactions_total", 2),
+        # the whole prompt kept 32 rows per head; the compressed context kept the server's 64
+        **grown("judgeq:tokens_evicted_total", (len(prompt) - 32) + (boundary - 64)),
+        **grown("judgeq:compression_ratio_count", 2),
+        **grown("judgeq:eviction_step_seconds_count", 2),
+    }
+    after = settled_samples(server, expected)
+    assert {key: after.get(key) for key in expected} == expected
+    assert after["judgeq:blocks_freed_total"] > before["judgeq:blocks_freed_total"]
+    assert after["judgeq:eviction_step_seconds_sum"] > before["judgeq:eviction_step_seconds_sum"]
+    assert after["judgeq:compression_ratio_bucket{le=+Inf}"] == after["judgeq:compression_ratio_count"]
+    assert after["judgeq:kv_free_blocks"] == after["judgeq:kv_total_blocks"] > 0  # idle: every block free
+
+
+INVALID_SETTINGS = [
+    (dict(kv_budget=1.5), "compression ratio must be in [0, 1)"),
+    (dict(kv_budget="lots"), "neither a token count"),
+    (dict(kv_budjet=64), "unknown per-request eviction setting 'kv_budjet'"),
+    (dict(kv_eviction="h2o"), "kv_eviction must be 'none' (no eviction for this request) or 'snapkv'"),
+    (dict(kv_compress_prefix=0), "kv_compress_prefix must be a positive whole number"),
+    (dict(kv_compress_prefix=100000), "lies beyond the prompt's"),
+]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("settings, message", INVALID_SETTINGS)
+def test_invalid_settings_get_400_and_the_server_keeps_serving(client, settings, message, stream):
+    import openai
+
+    messages = [{"role": "user", "content": "Say hello. " * 20}]
+    calls = [
+        functools.partial(client.completions.create, prompt="Say hello. " * 20),
+        functools.partial(client.chat.completions.create, messages=messages),
+    ]
+    for call in calls:
+        with pytest.raises(openai.BadRequestError) as refused:
+            # a stream that started would answer 200 and carry the error inside it
+            list(call(model="smollm2", max_tokens=4, stream=stream, extra_body=xargs(**settings)))
+        assert refused.value.status_code == 400
+        assert message in refused.value.message
+    served = client.completions.create(model="smollm2", prompt="Say hello.", max_tokens=4)
+    assert served.choices[0].finish_reason == "length"
+
+
 def test_server_shuts_down_cleanly_and_reports_what_it_freed(server, client, long_text):
     client.completions.create(model="smollm2", prompt=long_text, max_tokens=4, temperature=0.0)
-    assert stop(server["process"]) == 0
-    log = server["log"].read_text()
+    assert server.stop() == 0
+    log = server.log_path.read_text()
     counters = [
         ast.literal_eval(line.split("judgeq eviction counters: ", 1)[1])
         for line in log.splitlines()
@@ -127,9 +181,7 @@ def test_server_shuts_down_cleanly_and_reports_what_it_freed(server, client, lon
 
 
 def test_misconfigured_start_exits_with_the_fix(smollm2_dir):
-    result = subprocess.run(
-        serve_command(smollm2_dir, free_port(), "--kv-eviction", "judgeq", "--kv-budget", "64"),
-        capture_output=True, text=True, env=server_env(), timeout=180,
-    )
+    command = [sys.executable, "-m", "judgeq_vllm.vllm_adapter.serve", *serve_flags(smollm2_dir, "--kv-eviction", "judgeq", "--kv-budget", "64")]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=180)
     assert result.returncode != 0
     assert "--kv-eviction judgeq needs --judgeq-soft-tokens PATH: train an artifact" in result.stderr + result.stdout
