@@ -1,7 +1,8 @@
 """Issue-5 acceptance runs on the GPU host: eviction vs vanilla vLLM in one run.
 
-    python benchmarks/gpu_path_throughput.py throughput --model DIR --out DIR
+    python benchmarks/gpu_path_throughput.py throughput --model DIR --out DIR [--policies vanilla,snapkv,judgeq]
     python benchmarks/gpu_path_throughput.py prefill --model DIR --out DIR
+    python benchmarks/gpu_path_throughput.py combine --out DIR FILE...
 
 ``throughput``: Llama-3.1-8B shape with dummy weights, ``kv_cache_memory_bytes`` 8 GiB,
 64 requests x (8000 prompt, 1024 output), vanilla vLLM, ``snapkv`` and ``judgeq`` at
@@ -12,7 +13,9 @@ budget 1024; output tokens/s and the ratio to vanilla.
 vLLM's defaults everywhere: CUDA graphs, async scheduling, Model Runner V2, FA3,
 multiprocessing; prefix caching off (random prompts would not hit anyway). Judge Q uses a
 random soft-token artifact of the model's shape (dummy weights: only its cost matters).
-Writes ``<out>/gpu-path-<part>-<device>.json`` with provenance and every figure.
+Each engine writes ``<out>/run-<part>-<policy>.json`` (provenance and every figure) as
+soon as it is done; ``combine`` joins the runs of one host session into
+``gpu-path-<part>-<device>.json`` with each policy's ratio to vanilla.
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ def random_artifact(model_dir: str, directory: str) -> str:
     return str(path)
 
 
-def run_engine(model_dir: str, policy: str | None, artifact: str, part: dict) -> dict:
+def run_engine(model_dir: str, policy: str | None, artifact: str, part: dict, max_capture: int) -> dict:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
@@ -58,7 +61,9 @@ def run_engine(model_dir: str, policy: str | None, artifact: str, part: dict) ->
     llm = LLM(
         model=model_dir, load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16", seed=0,
         kv_cache_memory_bytes=part["kv_bytes"], enable_prefix_caching=False,
-        max_model_len=part["prompt_len"] + part["output_len"] + 64, **eviction,
+        max_model_len=part["prompt_len"] + part["output_len"] + 64,
+        # graphs for every decode batch this benchmark can form, not vLLM's 512: start-up time
+        compilation_config={"max_cudagraph_capture_size": max_capture}, **eviction,
     )
     start_s = time.perf_counter() - started
     generator = torch.Generator().manual_seed(1)
@@ -91,23 +96,42 @@ def run_engine(model_dir: str, policy: str | None, artifact: str, part: dict) ->
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("part", choices=sorted(PARTS))
-    parser.add_argument("--model", required=True, help="Llama-3.1-8B config + tokenizer folder (dummy weights)")
+    parser.add_argument("part", choices=[*sorted(PARTS), "combine"])
+    parser.add_argument("files", nargs="*", help="combine: the per-engine JSON files of one host session")
+    parser.add_argument("--model", help="Llama-3.1-8B config + tokenizer folder (dummy weights)")
     parser.add_argument("--out", required=True)
-    parser.add_argument("--policies", default="snapkv,judgeq")
+    parser.add_argument("--policies", default="vanilla,snapkv,judgeq")
+    parser.add_argument("--max-capture", type=int, default=128)
     args = parser.parse_args()
+    if args.part == "combine":
+        records = [json.loads(Path(f).read_text()) for f in args.files]
+        write(combine(records), args.out, records[0]["device"])
+        return
     part = PARTS[args.part]
-    policies = [None, *args.policies.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
         artifact = random_artifact(args.model, tmp)
-        runs = [run_engine(args.model, policy, artifact, part) for policy in policies]
-    vanilla = runs[0]
-    for run in runs[1:]:
-        run["tok_per_s_ratio_to_vanilla"] = round(run["output_tok_per_s"] / vanilla["output_tok_per_s"], 3)
-        run["wall_ratio_to_vanilla"] = round(run["wall_s"] / vanilla["wall_s"], 3)
-    record = {**provenance(), "part": args.part, "budget": BUDGET, **part, "runs": runs}
-    device = torch.cuda.get_device_name().replace(" ", "-")
-    out = Path(args.out) / f"gpu-path-{args.part}-{device}.json"
+        for name in args.policies.split(","):
+            run = run_engine(args.model, None if name == "vanilla" else name, artifact, part, args.max_capture)
+            record = {**provenance(), "part": args.part, "budget": BUDGET, **part, "max_capture": args.max_capture,
+                      "runs": [run]}
+            # one file per engine, written as soon as it is done (a host can be taken back)
+            Path(args.out, f"run-{args.part}-{run['policy']}.json").write_text(json.dumps(record, indent=2))
+
+
+def combine(records: list[dict]) -> dict:
+    """One record with every engine's run and each policy's ratio to vanilla's."""
+    runs = [run for record in records for run in record["runs"]]
+    vanilla = next(run for run in runs if run["policy"] == "vanilla")
+    for run in runs:
+        if run is not vanilla:
+            run["tok_per_s_ratio_to_vanilla"] = round(run["output_tok_per_s"] / vanilla["output_tok_per_s"], 3)
+            run["wall_ratio_to_vanilla"] = round(run["wall_s"] / vanilla["wall_s"], 3)
+    first = records[0]
+    return {**first, "commands": [record["command"] for record in records], "runs": runs}
+
+
+def write(record: dict, out_dir: str, device: str) -> None:
+    out = Path(out_dir) / f"gpu-path-{record['part']}-{device.replace(' ', '-')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=2))
     print(f"wrote {out}")
