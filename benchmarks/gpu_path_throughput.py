@@ -87,7 +87,10 @@ def run_engine(model_dir: str, policy: str | None, artifact: str, part: dict, ma
         "cudagraph_mode": str(llm.llm_engine.vllm_config.compilation_config.cudagraph_mode),
     }
     if policy is not None:
-        result["eviction_stats"] = llm.llm_engine.engine_core.call_utility("judgeq_stats")
+        client = llm.llm_engine.engine_core
+        # in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0) the client holds EngineCore itself
+        core = getattr(client, "engine_core", None)
+        result["eviction_stats"] = core.judgeq_stats() if core is not None else client.call_utility("judgeq_stats")
     llm.llm_engine.engine_core.shutdown()
     del llm
     print(json.dumps(result), flush=True)
