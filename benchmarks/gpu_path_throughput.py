@@ -105,7 +105,7 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--policies", default="vanilla,snapkv,judgeq")
     parser.add_argument("--max-capture", type=int, default=128)
-    args = parser.parse_args()
+    args = parser.parse_intermixed_args()
     if args.part == "combine":
         records = [json.loads(Path(f).read_text()) for f in args.files]
         write(combine(records), args.out, records[0]["device"])
