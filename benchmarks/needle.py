@@ -12,8 +12,8 @@ here). Full KV (vanilla vLLM) and each policy at each budget, query-aware and
 query-agnostic (see ``benchmarks/quality.py``).
 
 The samples are written to (or read from) ``--data`` (the GPU host has no essays).
-Writes ``benchmarks/results/needle/<config>-<device>-<date>.json`` and one PNG per
-protocol next to it: a heatmap per setting.
+Writes ``benchmarks/results/needle/<config>-<device>-<date>.json``, a markdown table
+(``.md``) and one PNG per protocol next to it: a heatmap per setting.
 """
 
 from __future__ import annotations
@@ -173,6 +173,7 @@ def main(argv: list[str] | None = None) -> Path | None:
         "results": results,
     }
     report["plots"] = write_plots(report, args.out, stem)
+    (args.out / f"{stem}.md").write_text(markdown(report))
     path = write_json(args.out / f"{stem}.json", report)
     print(summary_table(report))
     print(f"wrote {path}")
@@ -275,6 +276,22 @@ def summary_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def markdown(report: dict) -> str:
+    """The average per setting and protocol, then each setting's grid (depth x length)."""
+    lines = [f"# Needle in a haystack: {report['model']['description']}", "",
+             f"Device: {report['device']}; vLLM {report['vllm']}; commit {report['git_commit']}; `{report['command']}`", "",
+             summary_table(report), ""]
+    for result in report["results"]:
+        scores = {(point["length"], point["depth"]): point["score"] for point in result["grid"]}
+        name = "full KV" if result["policy"] == VANILLA else result["setting"]
+        lines += [f"## {name}, {result['protocol']}", "", "| depth | " + " | ".join(map(str, report["lengths"])) + " |",
+                  "|---|" + "---:|" * len(report["lengths"])]
+        lines += [f"| {depth}% | " + " | ".join(f"{scores[(length, depth)]:.0f}" for length in report["lengths"]) + " |"
+                  for depth in report["depths"]]
+        lines.append("")
+    return "\n".join(lines)
+
+
 def write_plots(report: dict, out_dir: Path, stem: str) -> list[str]:
     """One PNG per protocol: full KV's heatmap, then one per policy setting."""
     plt = pyplot()
@@ -284,7 +301,7 @@ def write_plots(report: dict, out_dir: Path, stem: str) -> list[str]:
         panels = full + [r for r in report["results"] if r["protocol"] == protocol]
         columns = min(4, len(panels))
         rows = -(-len(panels) // columns)
-        fig, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.6 * rows), squeeze=False)
+        fig, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.6 * rows), squeeze=False, layout="constrained")
         for ax in axes.flat[len(panels):]:
             ax.axis("off")
         for ax, result in zip(axes.flat, panels):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import json
+import os
 from pathlib import Path
 from typing import Any, Callable
 
@@ -199,8 +200,9 @@ def load_or_build_samples(path: Path, build: Callable[[], dict[str, Any]]) -> di
             return json.load(handle)
     data = build()
     path.parent.mkdir(parents=True, exist_ok=True)
-    # written aside, then renamed: an interrupted run never leaves a truncated file behind
-    partial = path.with_name(path.name + ".partial")
+    # written aside, then renamed: an interrupted run never leaves a truncated file behind,
+    # and two runs preparing the same file at once never write into one another's
+    partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
     with gzip.open(partial, "wt", encoding="utf-8") as handle:
         json.dump(data, handle)
     partial.replace(path)

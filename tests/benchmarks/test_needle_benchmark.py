@@ -46,6 +46,9 @@ def test_smoke_result_has_a_grid_per_setting_and_protocol(needle_smoke):
         assert result["eviction"]["requests_evicted"] == (0 if result["policy"] == "vanilla" else 6)
     # with full KV the model finds the needle in most of these short haystacks
     assert results[("vanilla", "full")]["average"] >= 50
+    markdown = path.with_suffix(".md").read_text()
+    assert "| full KV | full | " in markdown and "## snapkv@128, query_agnostic" in markdown
+    assert "| 50% | " in markdown
     assert report["plots"] == [f"{path.stem}-query_aware.png", f"{path.stem}-query_agnostic.png"]
     for name in report["plots"]:
         assert (path.parent / name).read_bytes()[:4] == b"\x89PNG"
