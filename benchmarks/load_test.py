@@ -17,7 +17,7 @@ before its first token or after a random number of them. Then it checks:
 - the KV pool's free block count (``judgeq:kv_free_blocks``) is back at its starting value;
 - the server still answers, and stops cleanly on SIGINT.
 
-The JSON result (``--out``, default ``benchmarks/results/load-test-<device>-<date>.json``)
+The JSON result (``--out``, default ``benchmarks/results/load-test-<policy>-<device>-<date>.json``)
 carries provenance (device, vLLM version, git commit, command), the settings, the
 outcomes, latency percentiles and every check; the exit code is 1 if a check failed.
 Every loop is bounded (``--deadline-s`` for the load, fixed waits around it).
@@ -322,20 +322,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--deadline-s", type=float, default=1800.0, help="the whole load must finish within this")
     parser.add_argument("--startup-timeout-s", type=float, default=900.0)
     parser.add_argument("--server-log", default=None, help="where the server's output goes (default: a temp file)")
-    parser.add_argument("--out", default=None, help="result JSON (default: benchmarks/results/load-test-<device>-<date>.json)")
+    parser.add_argument("--out", default=None, help="result JSON (default: benchmarks/results/load-test-<policy>-<device>-<date>.json)")
     parser.add_argument("serve_flags", nargs="*", help="after --: more flags for the server")
     return parser.parse_args(argv)
 
 
-def default_out(device: str) -> Path:
+def default_out(policy: str, device: str) -> Path:
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d")
-    return ROOT / "benchmarks" / "results" / f"load-test-{device.replace(' ', '-')}-{date}.json"
+    return ROOT / "benchmarks" / "results" / f"load-test-{policy}-{device.replace(' ', '-')}-{date}.json"
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     result = run(args)
-    out = Path(args.out) if args.out else default_out(result["provenance"]["device"])
+    out = Path(args.out) if args.out else default_out(args.kv_eviction, result["provenance"]["device"])
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps({key: result[key] for key in ("outcomes", "load_seconds", "engine", "checks", "passed")}, indent=2))

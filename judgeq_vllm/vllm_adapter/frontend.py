@@ -16,6 +16,7 @@ same process (tests) gets vLLM's behaviour unchanged.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 from typing import Any
 
@@ -85,11 +86,20 @@ def _stopping_metrics(shutdown):
 
 
 def _ensure_metrics_poller(engine: AsyncLLM) -> None:
-    if "judgeq_metrics" not in engine.__dict__:
+    """Starts the poller on the running event loop (the server's), once per engine."""
+    if "judgeq_metrics" not in engine.__dict__ and _event_loop_running():
         poller = engine.judgeq_metrics = EvictionMetricsPoller(
             engine.engine_core, engine.vllm_config.model_config.served_model_name
         )
         poller.start()
+
+
+def _event_loop_running() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:  # called outside a loop: a later call from the server's loop starts it
+        return False
+    return True
 
 
 def _prompt_len(prompt: Any) -> int | None:

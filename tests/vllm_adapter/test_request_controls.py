@@ -17,7 +17,7 @@ from judgeq_vllm.vllm_adapter.step import KeptIndexRecorder
 from engine_helpers import engine_core, free_blocks, make_llm, model_runner, shutdown
 from hf_oracle import near_tie_differences
 
-DOCUMENT_LENS = [180, 330, 520]
+DOCUMENT_LENS = [150, 260, 400]
 QUESTIONS = ["Who speaks first in this passage?", "What is the mood of this passage?", "Name one character here."]
 REQUEST_BUDGET = 64
 MAX_NEW_TOKENS = 8
@@ -73,6 +73,9 @@ def test_request_settings_follow_the_reference(
     llm = make_llm(smollm2_dir, eviction, max_model_len=1024, max_num_batched_tokens=256)
     recorder = model_runner(llm).kept_index_recorder = KeptIndexRecorder()
     start = free_blocks(llm)
+    # offline, a bad setting is a ValueError from generate, before the engine sees anything
+    with pytest.raises(ValueError, match="kv_compress_prefix=4 lies beyond the prompt's 3 tokens"):
+        llm.generate([TokensPrompt(prompt_token_ids=[1, 2, 3])], SamplingParams(max_tokens=1, extra_args={"kv_compress_prefix": 4}))
     outputs = llm.generate(
         [TokensPrompt(prompt_token_ids=prompt) for prompt, _ in requests],
         [SamplingParams(max_tokens=MAX_NEW_TOKENS, temperature=0.0, extra_args=extra) for _, extra in requests],
