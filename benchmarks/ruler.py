@@ -172,9 +172,11 @@ def main(argv: list[str] | None = None) -> Path | None:
     data_path = args.data or default_data_path(config, args.seed)
     data = load_or_build_samples(data_path, lambda: build_samples(config, model_dir, tokenizer, args.seed))
     print(f"RULER samples: {data_path}", file=sys.stderr)
+    check_data(data, config)
+    # checked here too, so that a samples file prepared for the GPU host is known to fit
+    groups = prompt_groups(config, tokenizer, data)
     if args.prepare_only:
         return None
-    check_data(data, config)
     header = result_header("ruler", args.config, args.tag, MODULE, argv)
     stem = result_stem(header)
     with tempfile.TemporaryDirectory(prefix="judgeq-bench-") as scratch:
@@ -185,7 +187,7 @@ def main(argv: list[str] | None = None) -> Path | None:
             max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
             kv_cache_memory_bytes=config.kv_cache_memory_bytes, extra_engine_args=parse_engine_args(args.engine_arg),
         )
-        results = evaluate(config, engine, tokenizer, data)
+        results = evaluate(config, engine, groups)
     report = {
         **header,
         "model": {"key": config.model, "description": spec.description, "path": str(model_dir), "dtype": config.dtype},
@@ -258,18 +260,24 @@ def check_data(data: dict[str, Any], config: RulerConfig) -> None:
             raise SystemExit(f"the samples file has too few samples at length {nominal}: {short}")
 
 
-def evaluate(config: RulerConfig, engine: QualityEngine, tokenizer, data: dict[str, Any]) -> list[dict[str, Any]]:
-    """Every engine (vanilla, then each policy) over every length; one result per
-    (setting, protocol, length) with the per-task scores."""
-    from judgeq_vllm.assets.ruler import score_sample
-
+def prompt_groups(config: RulerConfig, tokenizer, data: dict[str, Any]) -> dict[int, tuple[list, list[dict]]]:
+    """Per nominal length, the samples to evaluate and their chat prompts; every prompt,
+    with Judge Q's soft tokens and its answer, fits the length."""
     groups = {}
     for nominal in config.seq_lens:
         samples = [s for s in data["seq_lens"][str(nominal)]["samples"] if s["task"] in config.tasks]
         samples = [_capped(sample, config.answer_cap) for sample in _first_per_task(samples, config.num_samples)]
         prompts = [chat_prompt(tokenizer, sample) for sample in samples]
-        check_fits(prompts, samples, engine.max_model_len)
+        check_fits(prompts, samples, nominal)
         groups[nominal] = (prompts, samples)
+    return groups
+
+
+def evaluate(config: RulerConfig, engine: QualityEngine, groups: dict[int, tuple[list, list[dict]]]) -> list[dict[str, Any]]:
+    """Every engine (vanilla, then each policy) over every length; one result per
+    (setting, protocol, length) with the per-task scores."""
+    from judgeq_vllm.assets.ruler import score_sample
+
     budgets = parse_budgets(",".join(config.budgets + config.ratios))
     engines = [None, *config.policies]
     total = sum(len(engine_cells(policy, budgets, list(config.protocols))) for policy in engines) * len(groups)
