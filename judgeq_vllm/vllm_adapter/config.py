@@ -20,6 +20,8 @@ CONFIG_KEY = "judgeq"
 NO_EVICTION = "none"
 # policy knobs that have their own CLI flag: flag dest -> policy field
 KNOB_FLAGS = {"kv_window": "window", "kv_pool_kernel": "pool_kernel", "kv_sinks": "sinks", "kv_beta": "beta"}
+# decode tokens reserved per running evicting request when new requests are admitted
+DEFAULT_DECODE_RESERVE = 1024
 # stands in for Judge Q's artifact while only the knobs are checked
 _PLACEHOLDER_SOFT_TOKENS = SoftTokens(torch.zeros(1, 1), "placeholder", "placeholder")
 
@@ -33,12 +35,19 @@ class EvictionConfig:
         budget: tokens (or ratio) kept per request, per (layer, kv head).
         soft_tokens: path of the Judge Q artifact (``judgeq`` only).
         knobs: the policy's hyperparameters that differ from its defaults.
+        decode_reserve: admission headroom, in tokens: a waiting request is admitted only
+            if the pool keeps enough free blocks for every running evicting request to
+            finish its prompt and grow by this many more tokens (capped by its
+            ``max_tokens``). Without it, prompts admitted while compacted requests decode
+            push those into preemption, and a preempted request pays its whole prompt's
+            prefill and compaction again. 0 leaves admission to vLLM.
     """
 
     policy: str
     budget: KVBudget
     soft_tokens: str | None = None
     knobs: dict[str, Any] = field(default_factory=dict)
+    decode_reserve: int = DEFAULT_DECODE_RESERVE
 
     @classmethod
     def from_additional_config(cls, additional_config: Mapping[str, Any] | None) -> "EvictionConfig | None":
@@ -60,13 +69,17 @@ class EvictionConfig:
             budget=KVBudget.parse(section["kv_budget"]),
             soft_tokens=section.get("soft_tokens"),
             knobs=dict(section.get("knobs") or {}),
+            decode_reserve=_decode_reserve(section.get("kv_decode_reserve")),
         )
         config.build_policy(load_soft_tokens=False)  # unknown knobs / bad values fail here
         return config
 
     def to_additional_config(self) -> dict[str, Any]:
         budget = self.budget.tokens if self.budget.tokens is not None else self.budget.ratio
-        return {"kv_eviction": self.policy, "kv_budget": budget, "soft_tokens": self.soft_tokens, "knobs": dict(self.knobs)}
+        return {
+            "kv_eviction": self.policy, "kv_budget": budget, "soft_tokens": self.soft_tokens, "knobs": dict(self.knobs),
+            "kv_decode_reserve": self.decode_reserve,
+        }
 
     def load_soft_tokens(self) -> SoftTokens | None:
         """The Judge Q artifact (``None`` for other policies).
@@ -93,10 +106,23 @@ class EvictionConfig:
         return make_policy(self.policy, **knobs)
 
 
+def _decode_reserve(value: Any) -> int:
+    if value is None:
+        return DEFAULT_DECODE_RESERVE
+    try:
+        tokens = int(value)
+    except (TypeError, ValueError):
+        tokens = -1
+    if tokens < 0 or str(tokens) != str(value).strip():
+        raise ValueError(f"--kv-decode-reserve must be a whole number of tokens >= 0, got {value!r}")
+    return tokens
+
+
 def llm_kwargs(
     kv_eviction: str,
     kv_budget: int | float | str | None = None,
     soft_tokens: str | None = None,
+    decode_reserve: int | None = None,
     **knobs: Any,
 ) -> dict[str, Any]:
     """Keyword arguments that turn eviction on for ``vllm.LLM``.
@@ -106,7 +132,10 @@ def llm_kwargs(
 
         LLM(model, enforce_eager=True, **llm_kwargs("snapkv", 256, window=16))
     """
-    section = {"kv_eviction": kv_eviction, "kv_budget": kv_budget, "soft_tokens": soft_tokens, "knobs": knobs}
+    section = {
+        "kv_eviction": kv_eviction, "kv_budget": kv_budget, "soft_tokens": soft_tokens, "knobs": knobs,
+        "kv_decode_reserve": decode_reserve,
+    }
     return {"additional_config": {CONFIG_KEY: section}}
 
 

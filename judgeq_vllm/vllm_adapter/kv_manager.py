@@ -9,17 +9,33 @@ process and trips its conflicting-registration check (vLLM 0.26 delta doc §0.2)
 
 from __future__ import annotations
 
+from typing import Any, Callable
+
 from vllm.v1.core.kv_cache_manager import KVCacheBlocks, KVCacheManager
 from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
-from vllm.v1.request import Request
+from vllm.v1.request import Request, RequestStatus
 
 from .plan import EvictionPlan
 
 
 class EvictionKVCacheManager(KVCacheManager):
-    """Caps prefix-cache hits of planned requests at ``EvictionPlan.prefix_hit_cap``."""
+    """Caps prefix-cache hits of planned requests at ``EvictionPlan.prefix_hit_cap``, and
+    keeps the scheduler's admission reserve free when it admits a waiting request."""
 
     eviction_plans: dict[str, EvictionPlan]
+    # (candidate, its new tokens) -> blocks the evicting requests may still take (the scheduler's)
+    admission_reserve: Callable[[Request, int], int]
+
+    def allocate_slots(
+        self, request: Request, num_new_tokens: int, *args: Any, reserved_blocks: int = 0, has_scheduled_reqs: bool = True, **kwargs: Any
+    ) -> KVCacheBlocks | None:
+        # vLLM's own watermark gates the same admissions: waiting or preempted requests
+        # while others run (running requests allocate as usual, never held back)
+        if has_scheduled_reqs and request.status in (RequestStatus.WAITING, RequestStatus.PREEMPTED):
+            reserved_blocks += self.admission_reserve(request, num_new_tokens)
+        return super().allocate_slots(
+            request, num_new_tokens, *args, reserved_blocks=reserved_blocks, has_scheduled_reqs=has_scheduled_reqs, **kwargs
+        )
 
     def get_computed_blocks(self, request: Request) -> tuple[KVCacheBlocks, int, int]:
         blocks, num_hit_tokens, shared_prefix_boundary = super().get_computed_blocks(request)

@@ -52,6 +52,13 @@ def add_eviction_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--kv-pool-kernel", type=int, default=None, help="max-pool width over token scores (odd)")
     group.add_argument("--kv-sinks", type=int, default=None, help="attention sinks kept by streamingllm")
     group.add_argument("--kv-beta", type=int, default=None, help="pyramidkv bottom/top budget ratio")
+    group.add_argument(
+        "--kv-decode-reserve",
+        default=None,
+        metavar="TOKENS",
+        help="admit a request only while every running evicting request keeps room to grow this many tokens "
+        "(default 1024; 0: vLLM's admission)",
+    )
 
 
 def _with_eviction_flags(add_cli_args):
@@ -69,12 +76,15 @@ def eviction_section(args: argparse.Namespace) -> dict[str, Any] | None:
     knobs = {field: getattr(args, flag) for flag, field in KNOB_FLAGS.items() if getattr(args, flag, None) is not None}
     policy = getattr(args, "kv_eviction", None)
     if policy is None:
-        given = [name for name in ("kv_budget", "judgeq_soft_tokens") if getattr(args, name, None) is not None]
+        given = [name for name in ("kv_budget", "judgeq_soft_tokens", "kv_decode_reserve") if getattr(args, name, None) is not None]
         if given or knobs:
             flags = [f"--{name.replace('_', '-')}" for name in given + list(KNOB_FLAGS) if getattr(args, name, None) is not None]
             raise ValueError(f"{', '.join(flags)} given without --kv-eviction POLICY")
         return None
-    return {"kv_eviction": policy, "kv_budget": args.kv_budget, "soft_tokens": args.judgeq_soft_tokens, "knobs": knobs}
+    return {
+        "kv_eviction": policy, "kv_budget": args.kv_budget, "soft_tokens": args.judgeq_soft_tokens, "knobs": knobs,
+        "kv_decode_reserve": getattr(args, "kv_decode_reserve", None),
+    }
 
 
 def _folding_eviction_flags(from_cli_args):

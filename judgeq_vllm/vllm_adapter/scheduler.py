@@ -78,6 +78,7 @@ class EvictionSchedulerMixin:
         assert type(self.kv_cache_manager) is KVCacheManager, type(self.kv_cache_manager)
         self.kv_cache_manager.__class__ = EvictionKVCacheManager
         self.kv_cache_manager.eviction_plans = self.eviction_plans
+        self.kv_cache_manager.admission_reserve = self._admission_reserve_blocks
         for manager in self.kv_cache_manager.coordinator.single_type_managers:
             assert type(manager) is FullAttentionManager, type(manager)
             manager.__class__ = EvictionFullAttentionManager
@@ -158,6 +159,44 @@ class EvictionSchedulerMixin:
         if request.sampling_params.prompt_logprobs is not None:
             return "prompt_logprobs"
         return None
+
+    def _admission_reserve_blocks(self, candidate: Request, num_new_tokens: int) -> int:
+        """Free blocks that admitting ``candidate`` (its next ``num_new_tokens``) must leave:
+        every running evicting request, and the candidate itself once compacted, may still
+        take its prompt's remaining blocks up to ``L'`` (before its compaction) and the
+        blocks of ``decode_reserve`` more tokens after it (at most to ``max_tokens``).
+
+        A growth estimate, not a guarantee: requests without a plan, and growth beyond the
+        horizon, are left to vLLM's preemption as usual.
+        """
+        if self.eviction_config.decode_reserve == 0:
+            return 0
+        reserve = sum(self._future_blocks(request, 0) for request in self.running)
+        return reserve + self._future_blocks(candidate, num_new_tokens)
+
+    def _future_blocks(self, request: Request, num_new_tokens: int) -> int:
+        """Blocks ``request`` may still take beyond what it holds after ``num_new_tokens``
+        more are allocated (see :meth:`_admission_reserve_blocks`)."""
+        plan = self.eviction_plans.get(request.request_id)
+        if plan is None:
+            return 0
+        final_len = min(request.num_prompt_tokens + request.max_tokens, self.max_model_len)
+        horizon_len = max(request.num_computed_tokens, plan.num_prompt_tokens) + self.eviction_config.decode_reserve
+        peak = plan.resident_blocks(min(final_len, horizon_len))
+        future = 0
+        for manager in self.kv_cache_manager.coordinator.single_type_managers:
+            blocks = manager.req_to_blocks.get(request.request_id, ())
+            head_freed = bool(blocks) and blocks[0].is_null
+            if head_freed:
+                held = len(blocks) - plan.freed_blocks
+                group_peak = peak
+            else:
+                # before its compaction the request grows to L' first
+                allocated = -(-(request.num_computed_tokens + num_new_tokens) // plan.block_size)
+                held = max(len(blocks), allocated)
+                group_peak = max(peak, -(-plan.total_len // plan.block_size))
+            future += max(0, group_peak - held)
+        return future
 
     def _mamba_block_aligned_split(
         self,

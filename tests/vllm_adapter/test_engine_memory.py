@@ -4,6 +4,8 @@ One small engine (snapkv, budget 64, 64-token chunks, a 28-block pool, prefix ca
 on) driven step by step through ``LLMEngine.step``, in-process.
 """
 
+from dataclasses import replace
+
 import pytest
 from engine_helpers import engine_core, free_blocks, greedy, make_llm, shutdown
 
@@ -103,26 +105,52 @@ def test_identical_prompt_reuses_only_the_head_blocks(llm, engine_prompts):
     assert list(second.outputs[0].token_ids) == list(first.outputs[0].token_ids)
 
 
-def test_preemption_gives_the_unpreempted_outputs(llm, engine_prompts):
-    # short prompts are admitted together; compacted to 4-5 blocks each, their answers
-    # then outgrow the pool
-    prompts = engine_prompts[3:7]
+def run_counting_preemptions(llm, prompts, decode_reserve):
+    """Greedy outputs of ``prompts`` alone, then together (80 tokens each), the
+    preemptions of the together run, and the most requests running at once."""
     scheduler = engine_core(llm).scheduler
-    preempt = scheduler._preempt_request
-    preempted = []
+    config = scheduler.eviction_config
+    preempt, schedule = scheduler._preempt_request, scheduler.schedule
+    preempted, running = [], []
 
     def counting_preempt(request, timestamp):
         preempted.append(request.request_id)
         preempt(request, timestamp)
 
-    scheduler._preempt_request = counting_preempt
+    def counting_schedule(*args, **kwargs):
+        output = schedule(*args, **kwargs)
+        running.append(len(scheduler.running))
+        return output
+
+    scheduler._preempt_request, scheduler.schedule = counting_preempt, counting_schedule
+    scheduler.eviction_config = replace(config, decode_reserve=decode_reserve)
     try:
         start = free_blocks(llm)
         alone = [list(greedy(llm, [p], max_tokens=80, ignore_eos=True)[0].outputs[0].token_ids) for p in prompts]
         assert not preempted, "one request at a time must fit the pool"
+        running.clear()
         together = [list(out.outputs[0].token_ids) for out in greedy(llm, prompts, max_tokens=80, ignore_eos=True)]
     finally:
-        del scheduler._preempt_request
+        del scheduler._preempt_request, scheduler.schedule
+        scheduler.eviction_config = config
+    assert free_blocks(llm) == start
+    return alone, together, preempted, max(running)
+
+
+def test_preemption_gives_the_unpreempted_outputs(llm, engine_prompts):
+    # short prompts are admitted together under vLLM's own admission; compacted to 4-5
+    # blocks each, their answers then outgrow the pool
+    alone, together, preempted, _ = run_counting_preemptions(llm, engine_prompts[3:7], decode_reserve=0)
     assert preempted, "the pool is meant to force preemption"
     assert together == alone
-    assert free_blocks(llm) == start
+
+
+def test_decode_reserve_admits_only_what_can_grow(llm, engine_prompts):
+    # the same load with room reserved for 80 decode tokens per running request: fewer
+    # run at once, none is preempted, and the outputs are the same
+    prompts = engine_prompts[3:7]
+    _, _, _, most_running_unreserved = run_counting_preemptions(llm, prompts, decode_reserve=0)
+    alone, together, preempted, most_running = run_counting_preemptions(llm, prompts, decode_reserve=80)
+    assert not preempted
+    assert most_running < most_running_unreserved
+    assert together == alone
