@@ -2,6 +2,7 @@
 
     python benchmarks/gpu_path_throughput.py throughput --model DIR --out DIR [--policies vanilla,snapkv,judgeq]
     python benchmarks/gpu_path_throughput.py prefill --model DIR --out DIR
+    python benchmarks/gpu_path_throughput.py decode --model DIR --out DIR
     python benchmarks/gpu_path_throughput.py combine --out DIR FILE...
 
 ``throughput``: Llama-3.1-8B shape with dummy weights, ``kv_cache_memory_bytes`` 8 GiB,
@@ -9,6 +10,14 @@
 budget 1024; output tokens/s and the ratio to vanilla.
 ``prefill``: the same model with ample KV memory (40 GiB), 64 x (8000, 16): wall time of
 ``judgeq`` over vanilla (the cost of scoring and compaction, no memory pressure).
+``decode``: decode step time at equal resident KV tokens, ample memory: 64 requests x 512
+new tokens, each evicting policy from 8000-token prompts down to 1024 kept tokens,
+vanilla from 1024-token prompts; the median GPU-timeline period of the steps that decode
+all 64 requests (CUDA events at each step's start, so host stalls count too).
+
+A policy name may carry ``@N``, the engine's ``--kv-decode-reserve`` (``judgeq@0``: vLLM's
+own admission). In-process engines (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) also report
+their preemptions and the most requests running at once.
 
 vLLM's defaults everywhere: CUDA graphs, async scheduling, Model Runner V2, FA3,
 multiprocessing; prefix caching off (random prompts would not hit anyway). Judge Q uses a
@@ -36,6 +45,7 @@ GIB = 2**30
 PARTS = {
     "throughput": dict(num_requests=64, prompt_len=8000, output_len=1024, kv_bytes=8 * GIB),
     "prefill": dict(num_requests=64, prompt_len=8000, output_len=16, kv_bytes=40 * GIB),
+    "decode": dict(num_requests=64, prompt_len=8000, output_len=512, kv_bytes=40 * GIB),
 }
 BUDGET = 1024
 
@@ -50,13 +60,65 @@ def random_artifact(model_dir: str, directory: str) -> str:
     return str(path)
 
 
-def run_engine(model_dir: str, policy: str | None, artifact: str, part: dict, max_capture: int) -> dict:
+class StepRecorder:
+    """Hooks on an in-process engine: preemptions, running requests per step, and a CUDA
+    event at the start of every model-runner step with its batch shape."""
+
+    def __init__(self, core) -> None:
+        self.preemptions = 0
+        self.most_running = 0
+        self.steps: list[tuple[torch.cuda.Event, int, int]] = []
+        scheduler, runner = core.scheduler, core.model_executor.driver_worker.worker.model_runner
+        preempt, schedule, execute = scheduler._preempt_request, scheduler.schedule, runner.execute_model
+
+        def counting_preempt(*args, **kwargs):
+            self.preemptions += 1
+            return preempt(*args, **kwargs)
+
+        def counting_schedule(*args, **kwargs):
+            output = schedule(*args, **kwargs)
+            self.most_running = max(self.most_running, len(scheduler.running))
+            return output
+
+        def timed_execute(scheduler_output, *args, **kwargs):
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.steps.append((event, len(scheduler_output.num_scheduled_tokens), scheduler_output.total_num_scheduled_tokens))
+            return execute(scheduler_output, *args, **kwargs)
+
+        scheduler._preempt_request, scheduler.schedule, runner.execute_model = counting_preempt, counting_schedule, timed_execute
+
+    def reset(self) -> None:
+        self.preemptions, self.most_running, self.steps = 0, 0, []
+
+    def decode_step_ms(self, batch: int) -> dict:
+        """Periods between consecutive step starts where both steps decode ``batch`` requests
+        (one token each); the last step has no successor and is left out."""
+        torch.cuda.synchronize()
+        periods = [
+            start.elapsed_time(end)
+            for (start, reqs, tokens), (end, next_reqs, next_tokens) in zip(self.steps, self.steps[1:])
+            if reqs == tokens == batch and next_reqs == next_tokens == batch
+        ]
+        if not periods:
+            return {"decode_steps": 0}
+        periods.sort()
+        return {"decode_steps": len(periods), "decode_step_ms_median": round(periods[len(periods) // 2], 4),
+                "decode_step_ms_mean": round(sum(periods) / len(periods), 4)}
+
+
+def run_engine(model_dir: str, policy: str | None, artifact: str, part: dict, max_capture: int, part_name: str) -> dict:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
     from judgeq_vllm.vllm_adapter import llm_kwargs
 
-    eviction = {} if policy is None else llm_kwargs(policy, BUDGET, soft_tokens=artifact if policy == "judgeq" else None)
+    name, _, reserve = (policy or "").partition("@")
+    eviction = {} if policy is None else llm_kwargs(
+        name, BUDGET, soft_tokens=artifact if name == "judgeq" else None, decode_reserve=int(reserve) if reserve else None
+    )
+    # at equal resident tokens: vanilla's prompt is what the policies keep
+    prompt_len = BUDGET if part_name == "decode" and policy is None else part["prompt_len"]
     started = time.perf_counter()
     llm = LLM(
         model=model_dir, load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16", seed=0,
@@ -68,17 +130,21 @@ def run_engine(model_dir: str, policy: str | None, artifact: str, part: dict, ma
     start_s = time.perf_counter() - started
     generator = torch.Generator().manual_seed(1)
     prompts = [
-        TokensPrompt(prompt_token_ids=torch.randint(1000, 100000, (part["prompt_len"],), generator=generator).tolist())
+        TokensPrompt(prompt_token_ids=torch.randint(1000, 100000, (prompt_len,), generator=generator).tolist())
         for _ in range(part["num_requests"])
     ]
     params = SamplingParams(max_tokens=part["output_len"], temperature=0.0, ignore_eos=True, detokenize=False)
     llm.generate(prompts[:2], SamplingParams(max_tokens=8, ignore_eos=True, detokenize=False), use_tqdm=False)
+    # in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0) the client holds EngineCore itself
+    core = getattr(llm.llm_engine.engine_core, "engine_core", None)
+    recorder = StepRecorder(core) if core is not None else None
     started = time.perf_counter()
     outputs = llm.generate(prompts, params, use_tqdm=False)
     wall_s = time.perf_counter() - started
     output_tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
     result = {
         "policy": policy or "vanilla",
+        "prompt_len": prompt_len,
         "engine_start_s": round(start_s, 1),
         "wall_s": round(wall_s, 2),
         "output_tokens": output_tokens,
@@ -86,10 +152,11 @@ def run_engine(model_dir: str, policy: str | None, artifact: str, part: dict, ma
         "async_scheduling": llm.llm_engine.vllm_config.scheduler_config.async_scheduling,
         "cudagraph_mode": str(llm.llm_engine.vllm_config.compilation_config.cudagraph_mode),
     }
+    if recorder is not None:
+        result.update(preemptions=recorder.preemptions, most_running=recorder.most_running,
+                      **recorder.decode_step_ms(part["num_requests"]))
     if policy is not None:
         client = llm.llm_engine.engine_core
-        # in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0) the client holds EngineCore itself
-        core = getattr(client, "engine_core", None)
         result["eviction_stats"] = core.judgeq_stats() if core is not None else client.call_utility("judgeq_stats")
     llm.llm_engine.engine_core.shutdown()
     del llm
@@ -114,11 +181,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         artifact = random_artifact(args.model, tmp)
         for name in args.policies.split(","):
-            run = run_engine(args.model, None if name == "vanilla" else name, artifact, part, args.max_capture)
+            run = run_engine(args.model, None if name == "vanilla" else name, artifact, part, args.max_capture, args.part)
             record = {**provenance(), "part": args.part, "budget": BUDGET, **part, "max_capture": args.max_capture,
                       "runs": [run]}
             # one file per engine, written as soon as it is done (a host can be taken back)
-            Path(args.out, f"run-{args.part}-{run['policy']}.json").write_text(json.dumps(record, indent=2))
+            Path(args.out, f"run-{args.part}-{run['policy'].replace('@', '-reserve')}.json").write_text(json.dumps(record, indent=2))
 
 
 def combine(records: list[dict]) -> dict:
@@ -129,6 +196,8 @@ def combine(records: list[dict]) -> dict:
         if run is not vanilla:
             run["tok_per_s_ratio_to_vanilla"] = round(run["output_tok_per_s"] / vanilla["output_tok_per_s"], 3)
             run["wall_ratio_to_vanilla"] = round(run["wall_s"] / vanilla["wall_s"], 3)
+            if run.get("decode_step_ms_median") and vanilla.get("decode_step_ms_median"):
+                run["decode_step_ratio_to_vanilla"] = round(run["decode_step_ms_median"] / vanilla["decode_step_ms_median"], 4)
     first = records[0]
     return {**first, "commands": [record["command"] for record in records], "runs": runs}
 
