@@ -6,6 +6,7 @@ import dataclasses
 
 from .base import EvictionPolicy, ObservationSource, ScoreInputs, observation_attention, select_keep
 from .budget import KVBudget
+from .gkv import GKVCompression, GKVPolicy
 from .h2o import H2OPolicy
 from .judgeq import JudgeQPolicy
 from .knorm import KnormPolicy
@@ -13,6 +14,8 @@ from .pyramidkv import PyramidKVPolicy
 from .snapkv import SnapKVPolicy
 from .streaming import StreamingLLMPolicy
 
+# the prefill policies (one eviction at the end of prefill); G-KV, which compresses again
+# during decoding, has its own interface (GKVPolicy.compress)
 POLICIES: dict[str, type[EvictionPolicy]] = {
     cls.name: cls
     for cls in (JudgeQPolicy, SnapKVPolicy, StreamingLLMPolicy, H2OPolicy, KnormPolicy, PyramidKVPolicy)
@@ -40,6 +43,8 @@ def make_policy(name: str, **knobs) -> EvictionPolicy:
 __all__ = [
     "POLICIES",
     "EvictionPolicy",
+    "GKVCompression",
+    "GKVPolicy",
     "H2OPolicy",
     "JudgeQPolicy",
     "KVBudget",
