@@ -1,10 +1,13 @@
-"""HF transformers reference implementation of prefill eviction (the oracle)."""
+"""HF transformers reference implementations of prefill and decode-time (G-KV) eviction (the oracles)."""
 
+from .gkv import GKVEviction, GKVResult, generate_gkv
 from .hf import (
     ATTN_IMPLEMENTATION,
     AttentionRecorder,
+    EvictedPrefill,
     EvictionResult,
     RecordedPrefill,
+    evicting_prefill,
     generate,
     generate_many,
     load_reference_model,
@@ -14,9 +17,14 @@ from .hf import (
 __all__ = [
     "ATTN_IMPLEMENTATION",
     "AttentionRecorder",
+    "EvictedPrefill",
     "EvictionResult",
+    "GKVEviction",
+    "GKVResult",
     "RecordedPrefill",
+    "evicting_prefill",
     "generate",
+    "generate_gkv",
     "generate_many",
     "load_reference_model",
     "record_attention",

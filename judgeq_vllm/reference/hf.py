@@ -182,6 +182,39 @@ def generate(
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
+    prefill = evicting_prefill(model, prompt_ids, policy, budget, force_eviction_pass, compress_prefix)
+    cache_lengths = [layer.keys.shape[2] for layer in prefill.cache.layers]
+    prompt_len = len(prompt_ids)
+    tokens, positions = _greedy_decode(
+        model, prefill.cache, int(prefill.logits.argmax()), prompt_len, max_new_tokens, _stop_ids(model, stop_token_ids)
+    )
+    return EvictionResult(tokens, prompt_len, prefill.kept, cache_lengths, positions)
+
+
+@dataclass
+class EvictedPrefill:
+    """The state :func:`generate` decodes from.
+
+    Attributes:
+        logits: next-token logits of the prompt's last token.
+        cache: the compressed cache (soft KV dropped; the question after a boundary fed).
+        kept: per layer, ``[num_kv_heads, k]`` kept prompt-token indices, or ``None``.
+    """
+
+    logits: torch.Tensor
+    cache: DynamicCache
+    kept: list[torch.Tensor] | None
+
+
+def evicting_prefill(
+    model: torch.nn.Module,
+    prompt_ids: Sequence[int],
+    policy: EvictionPolicy,
+    budget: KVBudget,
+    force_eviction_pass: bool = False,
+    compress_prefix: int | None = None,
+) -> EvictedPrefill:
+    """Prefill with one-shot eviction at its end (arguments as :func:`generate`'s)."""
     prompt_len = len(prompt_ids)
     if prompt_len == 0:
         raise ValueError("the prompt is empty")
@@ -226,12 +259,7 @@ def generate(
     logits = out.logits[0, -1]
     if num_candidates < prompt_len:
         logits = _feed(model, cache, prompt_ids[num_candidates:], num_candidates)
-    cache_lengths = [layer.keys.shape[2] for layer in cache.layers]
-
-    tokens, positions = _greedy_decode(
-        model, cache, int(logits.argmax()), prompt_len, max_new_tokens, _stop_ids(model, stop_token_ids)
-    )
-    return EvictionResult(tokens, prompt_len, kept, cache_lengths, positions)
+    return EvictedPrefill(logits, cache, kept)
 
 
 def _feed(model: torch.nn.Module, cache: DynamicCache, token_ids: Sequence[int], start: int) -> torch.Tensor:
