@@ -15,7 +15,7 @@ new tokens, each evicting policy from 8000-token prompts down to 1024 kept token
 vanilla from 1024-token prompts; the median GPU-timeline period of the steps that decode
 all 64 requests (CUDA events at each step's start, so host stalls count too).
 
-A policy name may carry ``@N``, the engine's ``--kv-decode-reserve`` (``judgeq@0``: vLLM's
+A policy name may carry ``@N``, the engine's ``--kv-admission-horizon`` (``judgeq@0``: vLLM's
 own admission). In-process engines (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) also report
 their preemptions and the most requests running at once.
 
@@ -115,7 +115,7 @@ def run_engine(model_dir: str, policy: str | None, artifact: str, part: dict, ma
 
     name, _, reserve = (policy or "").partition("@")
     eviction = {} if policy is None else llm_kwargs(
-        name, BUDGET, soft_tokens=artifact if name == "judgeq" else None, decode_reserve=int(reserve) if reserve else None
+        name, BUDGET, soft_tokens=artifact if name == "judgeq" else None, admission_horizon=int(reserve) if reserve else None
     )
     # at equal resident tokens: vanilla's prompt is what the policies keep
     prompt_len = BUDGET if part_name == "decode" and policy is None else part["prompt_len"]

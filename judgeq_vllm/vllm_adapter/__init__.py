@@ -5,7 +5,7 @@ on an H100, the CUDA build (Model Runner V2, FlashAttention 3, CUDA graphs, asyn
 
 | vLLM symbol | our class / function | why |
 |---|---|---|
-| ``EngineArgs.add_cli_args`` (wrapped) | ``plugin.add_eviction_arguments`` | adds ``--kv-eviction``, ``--kv-budget``, ``--judgeq-soft-tokens``, ``--kv-window``, ``--kv-pool-kernel``, ``--kv-sinks``, ``--kv-beta``, ``--kv-decode-reserve`` |
+| ``EngineArgs.add_cli_args`` (wrapped) | ``plugin.add_eviction_arguments`` | adds ``--kv-eviction``, ``--kv-budget``, ``--judgeq-soft-tokens``, ``--kv-window``, ``--kv-pool-kernel``, ``--kv-sinks``, ``--kv-beta``, ``--kv-admission-horizon`` |
 | ``EngineArgs.from_cli_args`` (wrapped) | ``plugin.eviction_section`` | folds the flags into ``additional_config["judgeq"]`` |
 | ``EngineArgs.create_engine_config`` (wrapped) | ``config.validate_engine``, ``plugin._select_classes`` | start-up checks; sets ``scheduler_cls`` / ``worker_cls`` only when eviction is on |
 | ``SchedulerConfig.scheduler_cls`` → ``Scheduler`` | ``scheduler.make_scheduler`` → ``EvictionScheduler`` | soft ids, chunk boundaries, plans, compaction jobs, freeing head blocks |

@@ -13,15 +13,19 @@ from typing import Any, Mapping
 
 import torch
 
-from ..policies import POLICIES, EvictionPolicy, KVBudget, make_policy
+from ..policies import POLICIES, EvictionPolicy, GKVPolicy, KVBudget, make_policy
 from ..soft_tokens import SoftTokens, checkpoint_fingerprint
 
 CONFIG_KEY = "judgeq"
 NO_EVICTION = "none"
 # policy knobs that have their own CLI flag: flag dest -> policy field
 KNOB_FLAGS = {"kv_window": "window", "kv_pool_kernel": "pool_kernel", "kv_sinks": "sinks", "kv_beta": "beta"}
-# decode tokens reserved per running evicting request when new requests are admitted
-DEFAULT_DECODE_RESERVE = 1024
+# decode steps that admission looks ahead (EvictionConfig.admission_horizon)
+DEFAULT_ADMISSION_HORIZON = 1024
+# decode-time policies (G-KV, docs/engine-design.md §6): name -> the prefill policy before it
+DECODE_POLICIES: dict[str, str | None] = {"gkv": None, "judgeq+gkv": "judgeq"}
+# G-KV compresses every this many forward passes of a request (the authors' divide_length)
+DEFAULT_DECODE_INTERVAL = 128
 # stands in for Judge Q's artifact while only the knobs are checked
 _PLACEHOLDER_SOFT_TOKENS = SoftTokens(torch.zeros(1, 1), "placeholder", "placeholder")
 
@@ -35,19 +39,32 @@ class EvictionConfig:
         budget: tokens (or ratio) kept per request, per (layer, kv head).
         soft_tokens: path of the Judge Q artifact (``judgeq`` only).
         knobs: the policy's hyperparameters that differ from its defaults.
-        decode_reserve: admission headroom, in tokens: a waiting request is admitted only
-            if the pool keeps enough free blocks for every running evicting request to
-            finish its prompt and grow by this many more tokens (capped by its
-            ``max_tokens``). Without it, prompts admitted while compacted requests decode
-            push those into preemption, and a preempted request pays its whole prompt's
-            prefill and compaction again. 0 leaves admission to vLLM.
+        admission_horizon: look-ahead of admission, in decode tokens: a waiting request
+            is admitted only if the running requests and it, growing one token per step
+            for this many steps (each to its ``max_tokens``, freeing its blocks when it
+            ends there), never need more blocks than the pool holds. Without it, prompts
+            admitted while compacted requests decode push those into preemption, and a
+            preempted request pays its whole prompt's prefill and compaction again.
+            0 leaves admission to vLLM.
     """
 
     policy: str
     budget: KVBudget
     soft_tokens: str | None = None
     knobs: dict[str, Any] = field(default_factory=dict)
-    decode_reserve: int = DEFAULT_DECODE_RESERVE
+    admission_horizon: int = DEFAULT_ADMISSION_HORIZON
+    decode_interval: int = DEFAULT_DECODE_INTERVAL
+
+    @property
+    def prefill_policy(self) -> str | None:
+        """The policy that evicts at the end of prefill (``None``: G-KV alone, whose
+        prefill compression is its own first event)."""
+        return DECODE_POLICIES.get(self.policy, self.policy)
+
+    @property
+    def decodes(self) -> bool:
+        """Whether the policy evicts during decoding too."""
+        return self.policy in DECODE_POLICIES
 
     @classmethod
     def from_additional_config(cls, additional_config: Mapping[str, Any] | None) -> "EvictionConfig | None":
@@ -60,8 +77,9 @@ class EvictionConfig:
         name = section.get("kv_eviction")
         if name in (None, NO_EVICTION):
             return None
-        if name not in POLICIES:
-            raise ValueError(f"--kv-eviction {name!r} is not a policy; choose one of: none, {', '.join(sorted(POLICIES))}")
+        if name not in POLICIES and name not in DECODE_POLICIES:
+            choices = ", ".join(sorted([*POLICIES, *DECODE_POLICIES]))
+            raise ValueError(f"--kv-eviction {name!r} is not a policy; choose one of: none, {choices}")
         if section.get("kv_budget") is None:
             raise ValueError(f"--kv-eviction {name} needs --kv-budget (tokens per head, e.g. 256, or a ratio, e.g. 0.75)")
         config = cls(
@@ -69,16 +87,22 @@ class EvictionConfig:
             budget=KVBudget.parse(section["kv_budget"]),
             soft_tokens=section.get("soft_tokens"),
             knobs=dict(section.get("knobs") or {}),
-            decode_reserve=_decode_reserve(section.get("kv_decode_reserve")),
+            admission_horizon=_admission_horizon(section.get("kv_admission_horizon")),
+            decode_interval=_decode_interval(section.get("kv_decode_interval")),
         )
         config.build_policy(load_soft_tokens=False)  # unknown knobs / bad values fail here
+        decode_policy = config.build_decode_policy()
+        if decode_policy is not None:
+            if config.budget.tokens is None:
+                raise ValueError(f"--kv-eviction {name} needs a token budget (e.g. --kv-budget 512), not a ratio")
+            decode_policy.check_budget(config.budget.tokens)
         return config
 
     def to_additional_config(self) -> dict[str, Any]:
         budget = self.budget.tokens if self.budget.tokens is not None else self.budget.ratio
         return {
             "kv_eviction": self.policy, "kv_budget": budget, "soft_tokens": self.soft_tokens, "knobs": dict(self.knobs),
-            "kv_decode_reserve": self.decode_reserve,
+            "kv_admission_horizon": self.admission_horizon, "kv_decode_interval": self.decode_interval,
         }
 
     def load_soft_tokens(self) -> SoftTokens | None:
@@ -88,7 +112,7 @@ class EvictionConfig:
             SoftTokenArtifactError: missing, unreadable, or not an artifact.
             ValueError: ``judgeq`` without an artifact path.
         """
-        if self.policy != "judgeq":
+        if self.prefill_policy != "judgeq":
             return None
         if not self.soft_tokens:
             raise ValueError(
@@ -97,24 +121,51 @@ class EvictionConfig:
             )
         return SoftTokens.load(self.soft_tokens)
 
-    def build_policy(self, load_soft_tokens: bool = True) -> EvictionPolicy:
-        """The policy object; without ``load_soft_tokens`` a placeholder artifact stands in
-        for Judge Q's, so knobs can be checked before the file is read."""
+    def build_policy(self, load_soft_tokens: bool = True) -> EvictionPolicy | None:
+        """The prefill policy object (``None`` for G-KV alone); without ``load_soft_tokens``
+        a placeholder artifact stands in for Judge Q's, so knobs can be checked before the
+        file is read."""
+        if self.prefill_policy is None:
+            return None
         knobs = dict(self.knobs)
-        if self.policy == "judgeq":
+        if self.prefill_policy == "judgeq":
             knobs["soft_tokens"] = self.load_soft_tokens() if load_soft_tokens else _PLACEHOLDER_SOFT_TOKENS
-        return make_policy(self.policy, **knobs)
+        return make_policy(self.prefill_policy, **knobs)
+
+    def build_decode_policy(self) -> GKVPolicy | None:
+        """G-KV's knobs (``None`` for prefill-only policies). ``--kv-window`` is G-KV's
+        window for ``gkv``; for ``judgeq+gkv`` the knobs are Judge Q's and G-KV keeps its
+        default window."""
+        if not self.decodes:
+            return None
+        window = self.knobs.get("window", GKVPolicy.window) if self.prefill_policy is None else GKVPolicy.window
+        unknown = sorted(set(self.knobs) - {"window"}) if self.prefill_policy is None else []
+        if unknown:
+            raise ValueError(f"policy 'gkv' has no parameter {', '.join(unknown)}; its parameters are: window")
+        return GKVPolicy(window=window, interval=self.decode_interval)
 
 
-def _decode_reserve(value: Any) -> int:
+def _decode_interval(value: Any) -> int:
     if value is None:
-        return DEFAULT_DECODE_RESERVE
+        return DEFAULT_DECODE_INTERVAL
+    try:
+        steps = int(value)
+    except (TypeError, ValueError):
+        steps = 0
+    if steps < 1 or str(steps) != str(value).strip():
+        raise ValueError(f"--kv-decode-interval must be a whole number of decode steps >= 1, got {value!r}")
+    return steps
+
+
+def _admission_horizon(value: Any) -> int:
+    if value is None:
+        return DEFAULT_ADMISSION_HORIZON
     try:
         tokens = int(value)
     except (TypeError, ValueError):
         tokens = -1
     if tokens < 0 or str(tokens) != str(value).strip():
-        raise ValueError(f"--kv-decode-reserve must be a whole number of tokens >= 0, got {value!r}")
+        raise ValueError(f"--kv-admission-horizon must be a whole number of decode tokens >= 0, got {value!r}")
     return tokens
 
 
@@ -122,7 +173,8 @@ def llm_kwargs(
     kv_eviction: str,
     kv_budget: int | float | str | None = None,
     soft_tokens: str | None = None,
-    decode_reserve: int | None = None,
+    admission_horizon: int | None = None,
+    decode_interval: int | None = None,
     **knobs: Any,
 ) -> dict[str, Any]:
     """Keyword arguments that turn eviction on for ``vllm.LLM``.
@@ -134,7 +186,7 @@ def llm_kwargs(
     """
     section = {
         "kv_eviction": kv_eviction, "kv_budget": kv_budget, "soft_tokens": soft_tokens, "knobs": knobs,
-        "kv_decode_reserve": decode_reserve,
+        "kv_admission_horizon": admission_horizon, "kv_decode_interval": decode_interval,
     }
     return {"additional_config": {CONFIG_KEY: section}}
 
@@ -160,11 +212,12 @@ def validate_engine(config: EvictionConfig, vllm_config: Any) -> None:
                 f"soft-token artifact has hidden size {soft.hidden_size}, model {model_config.model!r} "
                 f"has {model_config.get_hidden_size()}; train an artifact for this model with `judgeq-vllm train`"
             )
-    needed = policy.num_observations + 1
+    num_observations = policy.num_observations if policy is not None else 0
+    needed = num_observations + 1
     if vllm_config.scheduler_config.max_num_batched_tokens < needed:
         raise ValueError(
             f"--max-num-batched-tokens {vllm_config.scheduler_config.max_num_batched_tokens} is too small for "
-            f"{config.policy}: the prefill chunk that ends the prompt holds its {policy.num_observations} "
+            f"{config.policy}: the prefill chunk that ends the prompt holds its {num_observations} "
             f"observation tokens plus the last prompt token; use at least {needed}"
         )
 
@@ -217,6 +270,7 @@ def _check_engine_features(vllm_config: Any, policy: str) -> None:
             not on_cpu and backend is not None and backend.name not in GPU_ATTENTION_BACKENDS
         ),
         "pyramidkv's per-layer budgets on GPU (not built yet; use snapkv)": not on_cpu and policy == "pyramidkv",
+        "decode-time eviction on GPU (not built yet; docs/engine-design.md §6.6)": not on_cpu and policy in DECODE_POLICIES,
         "Model Runner V1 on GPU (unset VLLM_USE_V2_MODEL_RUNNER=0)": (
             not on_cpu and not getattr(vllm_config, "use_v2_model_runner", True)
         ),

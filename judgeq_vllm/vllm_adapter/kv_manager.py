@@ -20,22 +20,22 @@ from .plan import EvictionPlan
 
 class EvictionKVCacheManager(KVCacheManager):
     """Caps prefix-cache hits of planned requests at ``EvictionPlan.prefix_hit_cap``, and
-    keeps the scheduler's admission reserve free when it admits a waiting request."""
+    admits a waiting request only where the scheduler's look-ahead says it fits."""
 
     eviction_plans: dict[str, EvictionPlan]
-    # (candidate, its new tokens) -> blocks the evicting requests may still take (the scheduler's)
-    admission_reserve: Callable[[Request, int], int]
+    # (candidate, its new tokens) -> whether admitting it keeps the pool ahead (the scheduler's)
+    admission_fits: Callable[[Request, int], bool]
 
     def allocate_slots(
-        self, request: Request, num_new_tokens: int, *args: Any, reserved_blocks: int = 0, has_scheduled_reqs: bool = True, **kwargs: Any
+        self, request: Request, num_new_tokens: int, *args: Any, has_scheduled_reqs: bool = True, **kwargs: Any
     ) -> KVCacheBlocks | None:
         # vLLM's own watermark gates the same admissions: waiting or preempted requests
-        # while others run (running requests allocate as usual, never held back)
-        if has_scheduled_reqs and request.status in (RequestStatus.WAITING, RequestStatus.PREEMPTED):
-            reserved_blocks += self.admission_reserve(request, num_new_tokens)
-        return super().allocate_slots(
-            request, num_new_tokens, *args, reserved_blocks=reserved_blocks, has_scheduled_reqs=has_scheduled_reqs, **kwargs
-        )
+        # while others run (running requests allocate as usual, never held back); None
+        # is vLLM's "cannot be scheduled" and ends this step's admissions
+        admitting = has_scheduled_reqs and request.status in (RequestStatus.WAITING, RequestStatus.PREEMPTED)
+        if admitting and not self.admission_fits(request, num_new_tokens):
+            return None
+        return super().allocate_slots(request, num_new_tokens, *args, has_scheduled_reqs=has_scheduled_reqs, **kwargs)
 
     def get_computed_blocks(self, request: Request) -> tuple[KVCacheBlocks, int, int]:
         blocks, num_hit_tokens, shared_prefix_boundary = super().get_computed_blocks(request)

@@ -105,11 +105,6 @@ class EvictionPlan:
         """Head blocks returned to the pool after the compaction step."""
         return self.first_kept_slot // self.block_size
 
-    def resident_blocks(self, num_tokens: int) -> int:
-        """Blocks the request holds after its compaction once vLLM counts ``num_tokens >= L'``
-        tokens: up to slot ``num_tokens - delta``, less the freed head."""
-        return -(-(num_tokens - self.slot_shift) // self.block_size) - self.freed_blocks
-
     @property
     def last_chunk_start(self) -> int:
         """The chunk that ends the prompt must start at or before this position: it holds the

@@ -14,7 +14,7 @@ import functools
 from typing import Any
 
 from ..policies import POLICIES
-from .config import CONFIG_KEY, KNOB_FLAGS, NO_EVICTION, EvictionConfig, validate_engine
+from .config import CONFIG_KEY, DECODE_POLICIES, KNOB_FLAGS, NO_EVICTION, EvictionConfig, validate_engine
 
 SCHEDULER_FACTORY = "judgeq_vllm.vllm_adapter.scheduler.make_scheduler"
 CPU_WORKER = "judgeq_vllm.vllm_adapter.cpu.worker.EvictionCPUWorker"
@@ -42,9 +42,10 @@ def add_eviction_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("KV-cache eviction (judgeq-vllm)")
     group.add_argument(
         "--kv-eviction",
-        choices=[NO_EVICTION, *sorted(POLICIES)],
+        choices=[NO_EVICTION, *sorted(POLICIES), *sorted(DECODE_POLICIES)],
         default=None,
-        help="evict prompt KV at the end of prefill with this policy (default: none)",
+        help="evict prompt KV at the end of prefill with this policy, or also during decoding (gkv, "
+        "judgeq+gkv) (default: none)",
     )
     group.add_argument("--kv-budget", default=None, help="KV kept per request and head: tokens (256) or ratio removed (0.75)")
     group.add_argument("--judgeq-soft-tokens", default=None, metavar="PATH", help="Judge Q soft-token artifact")
@@ -53,11 +54,14 @@ def add_eviction_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--kv-sinks", type=int, default=None, help="attention sinks kept by streamingllm")
     group.add_argument("--kv-beta", type=int, default=None, help="pyramidkv bottom/top budget ratio")
     group.add_argument(
-        "--kv-decode-reserve",
+        "--kv-decode-interval", default=None, metavar="STEPS", help="gkv: compress every this many decode steps (default 128)"
+    )
+    group.add_argument(
+        "--kv-admission-horizon",
         default=None,
         metavar="TOKENS",
-        help="admit a request only while every running evicting request keeps room to grow this many tokens "
-        "(default 1024; 0: vLLM's admission)",
+        help="admit a request only if the running ones and it fit the pool for this many more decode tokens "
+        "each (default 1024; 0: vLLM's admission)",
     )
 
 
@@ -76,14 +80,18 @@ def eviction_section(args: argparse.Namespace) -> dict[str, Any] | None:
     knobs = {field: getattr(args, flag) for flag, field in KNOB_FLAGS.items() if getattr(args, flag, None) is not None}
     policy = getattr(args, "kv_eviction", None)
     if policy is None:
-        given = [name for name in ("kv_budget", "judgeq_soft_tokens", "kv_decode_reserve") if getattr(args, name, None) is not None]
+        given = [
+            name for name in ("kv_budget", "judgeq_soft_tokens", "kv_admission_horizon", "kv_decode_interval")
+            if getattr(args, name, None) is not None
+        ]
         if given or knobs:
             flags = [f"--{name.replace('_', '-')}" for name in given + list(KNOB_FLAGS) if getattr(args, name, None) is not None]
             raise ValueError(f"{', '.join(flags)} given without --kv-eviction POLICY")
         return None
     return {
         "kv_eviction": policy, "kv_budget": args.kv_budget, "soft_tokens": args.judgeq_soft_tokens, "knobs": knobs,
-        "kv_decode_reserve": getattr(args, "kv_decode_reserve", None),
+        "kv_admission_horizon": getattr(args, "kv_admission_horizon", None),
+        "kv_decode_interval": getattr(args, "kv_decode_interval", None),
     }
 
 

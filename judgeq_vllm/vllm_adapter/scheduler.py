@@ -26,6 +26,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import numpy as np
+
 from vllm.logger import init_logger
 from vllm.platforms import current_platform
 from vllm.v1.core.kv_cache_manager import KVCacheManager
@@ -78,7 +80,7 @@ class EvictionSchedulerMixin:
         assert type(self.kv_cache_manager) is KVCacheManager, type(self.kv_cache_manager)
         self.kv_cache_manager.__class__ = EvictionKVCacheManager
         self.kv_cache_manager.eviction_plans = self.eviction_plans
-        self.kv_cache_manager.admission_reserve = self._admission_reserve_blocks
+        self.kv_cache_manager.admission_fits = self._admission_fits
         for manager in self.kv_cache_manager.coordinator.single_type_managers:
             assert type(manager) is FullAttentionManager, type(manager)
             manager.__class__ = EvictionFullAttentionManager
@@ -160,43 +162,60 @@ class EvictionSchedulerMixin:
             return "prompt_logprobs"
         return None
 
-    def _admission_reserve_blocks(self, candidate: Request, num_new_tokens: int) -> int:
-        """Free blocks that admitting ``candidate`` (its next ``num_new_tokens``) must leave:
-        every running evicting request, and the candidate itself once compacted, may still
-        take its prompt's remaining blocks up to ``L'`` (before its compaction) and the
-        blocks of ``decode_reserve`` more tokens after it (at most to ``max_tokens``).
+    def _admission_fits(self, candidate: Request, num_new_tokens: int) -> bool:
+        """Whether the running requests and ``candidate`` (after its next ``num_new_tokens``)
+        fit the pool for the next ``admission_horizon`` decode steps.
 
-        A growth estimate, not a guarantee: requests without a plan, and growth beyond the
-        horizon, are left to vLLM's preemption as usual.
+        Each request grows one token per step until its ``max_tokens``, where it ends and
+        frees its blocks; an evicting request holds its whole prompt until its compaction
+        and only its kept rows after. The demand only drops where a request ends or is
+        compacted, so its peak is at one of those steps or at the horizon. A look-ahead,
+        not a guarantee: stop strings and EOS end requests earlier (admission is then
+        cautious), and growth past the horizon is left to vLLM's preemption.
         """
-        if self.eviction_config.decode_reserve == 0:
-            return 0
-        reserve = sum(self._future_blocks(request, 0) for request in self.running)
-        return reserve + self._future_blocks(candidate, num_new_tokens)
+        horizon = self.eviction_config.admission_horizon
+        if horizon == 0:
+            return True
+        managers = self.kv_cache_manager.coordinator.single_type_managers
+        pool = self.kv_cache_manager.block_pool
+        rows = [self._demand_row(request, 0, managers) for request in self.running]
+        rows.append(self._demand_row(candidate, num_new_tokens, managers))
+        start_len, remaining, freed, floor, floor_steps, held = (np.array(column) for column in zip(*rows))
+        steps = np.unique(np.concatenate([[0, horizon], remaining - 1, floor_steps - 1]))
+        steps = steps[(steps >= 0) & (steps <= horizon)]
+        length = start_len[:, None] + steps[None, :]
+        # vLLM sizes a row by the request's logical length; the freed head is null-blocked
+        resident = -(-length // self.block_size) - freed[:, None]
+        demand = np.where(steps[None, :] < floor_steps[:, None], np.maximum(resident, floor[:, None]), resident)
+        demand = np.where(steps[None, :] < remaining[:, None], demand, 0)
+        capacity = pool.get_num_free_blocks() + int(held.sum())
+        return int(demand.sum(axis=0).max()) * len(managers) <= capacity
 
-    def _future_blocks(self, request: Request, num_new_tokens: int) -> int:
-        """Blocks ``request`` may still take beyond what it holds after ``num_new_tokens``
-        more are allocated (see :meth:`_admission_reserve_blocks`)."""
-        plan = self.eviction_plans.get(request.request_id)
-        if plan is None:
-            return 0
+    def _demand_row(self, request: Request, num_new_tokens: int, managers: list) -> tuple[int, ...]:
+        """``request``'s terms for :meth:`_admission_fits`: the slots it fills by the end
+        of this step (or of its prefill), steps until it ends, its freed head blocks (0
+        without a plan), the blocks it holds until its compaction and for how many steps,
+        and the blocks it holds now (all groups)."""
+        computed = request.num_computed_tokens + num_new_tokens
+        # the slots it fills this step: its prompt (and, resumed after preemption, its
+        # outputs), or, decoding, the token sampled last
+        start_len = max(computed, request.num_tokens)
         final_len = min(request.num_prompt_tokens + request.max_tokens, self.max_model_len)
-        horizon_len = max(request.num_computed_tokens, plan.num_prompt_tokens) + self.eviction_config.decode_reserve
-        peak = plan.resident_blocks(min(final_len, horizon_len))
-        future = 0
-        for manager in self.kv_cache_manager.coordinator.single_type_managers:
-            blocks = manager.req_to_blocks.get(request.request_id, ())
-            head_freed = bool(blocks) and blocks[0].is_null
-            if head_freed:
-                held = len(blocks) - plan.freed_blocks
-                group_peak = peak
-            else:
-                # before its compaction the request grows to L' first
-                allocated = -(-(request.num_computed_tokens + num_new_tokens) // plan.block_size)
-                held = max(len(blocks), allocated)
-                group_peak = max(peak, -(-plan.total_len // plan.block_size))
-            future += max(0, group_peak - held)
-        return future
+        remaining = max(final_len - start_len, 1)
+        plan = self.eviction_plans.get(request.request_id)
+        rows = [manager.req_to_blocks.get(request.request_id, ()) for manager in managers]
+        # freeing the head null-blocks exactly the plan's head blocks in every group
+        head_freed = plan is not None and bool(rows[0]) and rows[0][0].is_null
+        held = sum(len(blocks) for blocks in rows) - (plan.freed_blocks * len(rows) if head_freed else 0)
+        if plan is None:
+            return start_len, remaining, 0, 0, 0, held
+        if head_freed:
+            return start_len, remaining, plan.freed_blocks, 0, 0, held
+        # the prompt's blocks stay until the step after the compaction step's output
+        # (one more under async scheduling); its chunks take at least this many steps
+        prefill_steps = -(-max(plan.total_len - computed, 0) // self.max_num_scheduled_tokens)
+        prompt_blocks = -(-plan.total_len // self.block_size)
+        return start_len, remaining, plan.freed_blocks, prompt_blocks, prefill_steps + 2, held
 
     def _mamba_block_aligned_split(
         self,
@@ -331,6 +350,13 @@ def make_scheduler(*args: Any, **kwargs: Any) -> Scheduler:
     """
     vllm_config = kwargs["vllm_config"]
     EngineCore.judgeq_stats = _engine_core_eviction_stats
+    config = EvictionConfig.from_additional_config(vllm_config.additional_config)
+    if config is not None and config.decodes:
+        from .decode_scheduler import GKVAsyncScheduler, GKVScheduler
+
+        if vllm_config.scheduler_config.async_scheduling:
+            return GKVAsyncScheduler(*args, **kwargs)
+        return GKVScheduler(*args, **kwargs)
     if vllm_config.scheduler_config.async_scheduling:
         return EvictionAsyncScheduler(*args, **kwargs)
     return EvictionScheduler(*args, **kwargs)

@@ -38,18 +38,18 @@ def engine_config(model, **kwargs):
 
 def test_flags_reach_additional_config(smollm2_dir):
     args = parse_cli(["--model", smollm2_dir, "--kv-eviction", "snapkv", "--kv-budget", "256", "--kv-window", "16",
-                      "--kv-pool-kernel", "5", "--kv-decode-reserve", "300", "--additional-config", json.dumps({"other": 1})])
+                      "--kv-pool-kernel", "5", "--kv-admission-horizon", "300", "--additional-config", json.dumps({"other": 1})])
     assert args.additional_config == {
         "other": 1,
         "judgeq": {
             "kv_eviction": "snapkv", "kv_budget": "256", "soft_tokens": None, "knobs": {"window": 16, "pool_kernel": 5},
-            "kv_decode_reserve": "300",
+            "kv_admission_horizon": "300",
         },
     }
     config = EvictionConfig.from_additional_config(args.additional_config)
     assert config.policy == "snapkv" and config.budget.tokens == 256 and config.knobs == {"window": 16, "pool_kernel": 5}
-    assert config.decode_reserve == 300
-    assert EvictionConfig.from_additional_config(llm_kwargs("snapkv", 64)["additional_config"]).decode_reserve == 1024
+    assert config.admission_horizon == 300
+    assert EvictionConfig.from_additional_config(llm_kwargs("snapkv", 64)["additional_config"]).admission_horizon == 1024
 
 
 def test_no_flag_leaves_engine_args_alone(smollm2_dir):
@@ -82,8 +82,8 @@ def test_eviction_selects_our_classes(smollm2_dir):
         ({"kv_eviction": "snapkv", "kv_budget": -5}, "positive token count"),
         ({"kv_eviction": "snapkv", "kv_budget": 1.5}, r"ratio must be in \[0, 1\)"),
         ({"kv_eviction": "snapkv"}, "needs --kv-budget"),
-        ({"kv_eviction": "snapkv", "kv_budget": 64, "kv_decode_reserve": -1}, "--kv-decode-reserve must be a whole number"),
-        ({"kv_eviction": "snapkv", "kv_budget": 64, "kv_decode_reserve": "lots"}, "--kv-decode-reserve must be a whole number"),
+        ({"kv_eviction": "snapkv", "kv_budget": 64, "kv_admission_horizon": -1}, "--kv-admission-horizon must be a whole number"),
+        ({"kv_eviction": "snapkv", "kv_budget": 64, "kv_admission_horizon": "lots"}, "--kv-admission-horizon must be a whole number"),
         ({"kv_eviction": "snapkv", "kv_budget": 64, "knobs": {"sinks": 4}}, "policy 'snapkv' has no parameter sinks"),
     ],
 )

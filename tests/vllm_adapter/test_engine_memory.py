@@ -105,7 +105,7 @@ def test_identical_prompt_reuses_only_the_head_blocks(llm, engine_prompts):
     assert list(second.outputs[0].token_ids) == list(first.outputs[0].token_ids)
 
 
-def run_counting_preemptions(llm, prompts, decode_reserve):
+def run_counting_preemptions(llm, prompts, admission_horizon):
     """Greedy outputs of ``prompts`` alone, then together (80 tokens each), the
     preemptions of the together run, and the most requests running at once."""
     scheduler = engine_core(llm).scheduler
@@ -123,7 +123,7 @@ def run_counting_preemptions(llm, prompts, decode_reserve):
         return output
 
     scheduler._preempt_request, scheduler.schedule = counting_preempt, counting_schedule
-    scheduler.eviction_config = replace(config, decode_reserve=decode_reserve)
+    scheduler.eviction_config = replace(config, admission_horizon=admission_horizon)
     try:
         start = free_blocks(llm)
         alone = [list(greedy(llm, [p], max_tokens=80, ignore_eos=True)[0].outputs[0].token_ids) for p in prompts]
@@ -140,17 +140,17 @@ def run_counting_preemptions(llm, prompts, decode_reserve):
 def test_preemption_gives_the_unpreempted_outputs(llm, engine_prompts):
     # short prompts are admitted together under vLLM's own admission; compacted to 4-5
     # blocks each, their answers then outgrow the pool
-    alone, together, preempted, _ = run_counting_preemptions(llm, engine_prompts[3:7], decode_reserve=0)
+    alone, together, preempted, _ = run_counting_preemptions(llm, engine_prompts[3:7], admission_horizon=0)
     assert preempted, "the pool is meant to force preemption"
     assert together == alone
 
 
-def test_decode_reserve_admits_only_what_can_grow(llm, engine_prompts):
-    # the same load with room reserved for 80 decode tokens per running request: fewer
-    # run at once, none is preempted, and the outputs are the same
+def test_admission_horizon_admits_only_what_fits_ahead(llm, engine_prompts):
+    # the same load admitted only where it fits the pool for 80 decode tokens ahead:
+    # fewer run at once, none is preempted, and the outputs are the same
     prompts = engine_prompts[3:7]
-    _, _, _, most_running_unreserved = run_counting_preemptions(llm, prompts, decode_reserve=0)
-    alone, together, preempted, most_running = run_counting_preemptions(llm, prompts, decode_reserve=80)
+    _, _, _, most_running_unreserved = run_counting_preemptions(llm, prompts, admission_horizon=0)
+    alone, together, preempted, most_running = run_counting_preemptions(llm, prompts, admission_horizon=80)
     assert not preempted
     assert most_running < most_running_unreserved
     assert together == alone
