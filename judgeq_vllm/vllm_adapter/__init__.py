@@ -5,13 +5,15 @@ on an H100, the CUDA build (Model Runner V2, FlashAttention 3, CUDA graphs, asyn
 
 | vLLM symbol | our class / function | why |
 |---|---|---|
-| ``EngineArgs.add_cli_args`` (wrapped) | ``plugin.add_eviction_arguments`` | adds ``--kv-eviction``, ``--kv-budget``, ``--judgeq-soft-tokens``, ``--kv-window``, ``--kv-pool-kernel``, ``--kv-sinks``, ``--kv-beta``, ``--kv-admission-horizon`` |
+| ``EngineArgs.add_cli_args`` (wrapped) | ``plugin.add_eviction_arguments`` | adds ``--kv-eviction``, ``--kv-budget``, ``--judgeq-soft-tokens``, ``--kv-window``, ``--kv-pool-kernel``, ``--kv-sinks``, ``--kv-beta``, ``--kv-admission-horizon``, ``--kv-decode-interval`` |
 | ``EngineArgs.from_cli_args`` (wrapped) | ``plugin.eviction_section`` | folds the flags into ``additional_config["judgeq"]`` |
 | ``EngineArgs.create_engine_config`` (wrapped) | ``config.validate_engine``, ``plugin._select_classes`` | start-up checks; sets ``scheduler_cls`` / ``worker_cls`` only when eviction is on |
 | ``SchedulerConfig.scheduler_cls`` → ``Scheduler`` | ``scheduler.make_scheduler`` → ``EvictionScheduler`` | soft ids, chunk boundaries, plans, compaction jobs, freeing head blocks |
 | ``Scheduler._mamba_block_aligned_split`` | ``EvictionSchedulerMixin._mamba_block_aligned_split`` | the per-request chunk hook: the prompt's last chunk holds every observation query |
 | ``KVCacheManager`` (``__class__`` of the scheduler's instance; ``get_computed_blocks``, ``allocate_slots``) | ``kv_manager.EvictionKVCacheManager`` | prefix-cache hits stop before the compacted blocks and the observation span; admissions leave ``reserved_blocks`` for the running requests' growth (``EvictionSchedulerMixin._admission_reserve_blocks``) |
 | ``FullAttentionManager`` (``__class__`` of the scheduler's instances) | ``kv_manager.EvictionFullAttentionManager`` | compacted blocks are never hashed; head blocks are null-blocked and freed |
+| ``SchedulerConfig.scheduler_cls`` for ``gkv`` / ``judgeq+gkv`` | ``decode_scheduler.GKVScheduler`` (``GKVSchedulerMixin``, also ``_mamba_block_aligned_split``) | G-KV events every ``--kv-decode-interval`` steps: jobs, query-window captures, the latest event's layout, head blocks freed per event; chunks cut at events |
+| ``KVCacheManager`` / ``FullAttentionManager`` (``__class__`` again, G-KV engines) | ``decode_scheduler.GKVKVCacheManager``, ``GKVFullAttentionManager`` | prefix hits and hashing stop before the first G-KV compaction's destination |
 | ``EngineCore`` (attribute added by ``make_scheduler``) | ``judgeq_stats`` utility | aggregate counters, via ``engine_core.call_utility("judgeq_stats")`` |
 | ``SamplingParams.extra_args`` (read, OpenAI ``vllm_xargs``) | ``request_settings.RequestSettings`` | per-request ``kv_eviction`` / ``kv_budget`` / ``kv_compress_prefix``, planned by the scheduler |
 | ``InputProcessor.process_inputs`` (wrapped, front end) | ``frontend.install_front_end_hooks`` | bad per-request settings raise ``VLLMValidationError`` before EngineCore (HTTP 400, ``ValueError`` offline) |

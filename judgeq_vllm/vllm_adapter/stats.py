@@ -59,6 +59,8 @@ class EvictionStats:
         tokens_evicted: prompt rows dropped per (layer, kv head), summed over requests.
         soft_tokens_appended: soft tokens added to prompts inside the engine.
         blocks_freed: blocks that went back to the free pool after compaction steps.
+        decode_compactions: G-KV compactions during decoding (and of G-KV's own prefill).
+        decode_rows_evicted: rows per (layer, kv head) those dropped, summed.
         compression_ratio: per compaction, the fraction of the candidates' KV removed.
         eviction_seconds: per step that compacted, the worker's time scoring and compacting.
     """
@@ -70,6 +72,8 @@ class EvictionStats:
     tokens_evicted: int = 0
     soft_tokens_appended: int = 0
     blocks_freed: int = 0
+    decode_compactions: int = 0
+    decode_rows_evicted: int = 0
     compression_ratio: Histogram = field(default_factory=lambda: Histogram(COMPRESSION_RATIO_BOUNDS))
     eviction_seconds: Histogram = field(default_factory=lambda: Histogram(EVICTION_SECONDS_BOUNDS))
 
@@ -87,6 +91,11 @@ class EvictionStats:
         self.tokens_evicted += plan.prompt_len - plan.keep
         self.blocks_freed += blocks_freed
         self.compression_ratio.observe(1.0 - plan.keep / plan.prompt_len)
+
+    def record_decode_compaction(self, rows_evicted: int, blocks_freed: int) -> None:
+        self.decode_compactions += 1
+        self.decode_rows_evicted += rows_evicted
+        self.blocks_freed += blocks_freed
 
     @property
     def overall_compression_ratio(self) -> float:
@@ -106,6 +115,8 @@ class EvictionStats:
             "tokens_evicted": self.tokens_evicted,
             "soft_tokens_appended": self.soft_tokens_appended,
             "blocks_freed": self.blocks_freed,
+            "decode_compactions": self.decode_compactions,
+            "decode_rows_evicted": self.decode_rows_evicted,
             "compression_ratio": round(self.overall_compression_ratio, 4),
             "compression_ratio_histogram": self.compression_ratio.as_dict(),
             "eviction_seconds_histogram": self.eviction_seconds.as_dict(),

@@ -16,7 +16,8 @@ from typing import Iterator
 
 import torch
 
-from ..policies import EvictionPolicy
+from ..policies import EvictionPolicy, GKVPolicy
+from .decode_plan import GKVJob
 from .plan import EvictionPlan
 
 
@@ -73,6 +74,88 @@ class KeptIndexRecorder:
         return found[0] if found else None
 
 
+@dataclass(frozen=True)
+class GKVStepJob:
+    """A G-KV event that runs at the end of this step's attention, per layer.
+
+    Attributes:
+        req_id: the engine's request id.
+        job: the event (its source and target layouts).
+        block_ids: the request's block-table row (int64).
+    """
+
+    req_id: str
+    job: GKVJob
+    block_ids: torch.Tensor
+
+
+@dataclass(frozen=True)
+class QueryCapture:
+    """Query rows of this step that belong to a request's next G-KV window.
+
+    Attributes:
+        req_id: the engine's request id.
+        first_token: index of the first row in the step's flattened tokens.
+        window_offset: its index in the window.
+        count: rows captured.
+    """
+
+    req_id: str
+    first_token: int
+    window_offset: int
+    count: int
+
+
+class GKVWorkerState:
+    """The worker's G-KV state: query windows being filled, and the running global
+    scores beside the KV cache (docs/engine-design.md §6.3).
+
+    Scores live per layer in ``[num_slots, num_kv_heads]`` fp32, indexed by physical KV slot
+    like the rows they score; a request reads only scores its own previous event wrote, so
+    nothing is kept per request there. A window lives from its first captured row until its
+    event has run in the last layer (or its request finishes).
+    """
+
+    def __init__(self, policy: GKVPolicy, num_layers: int):
+        self.policy = policy
+        self.num_layers = num_layers
+        self.windows: dict[str, torch.Tensor] = {}  # request id -> [num_layers, window, Hq, D]
+        self.scores: dict[int, torch.Tensor] = {}
+
+    def capture(self, req_id: str, layer_idx: int, queries: torch.Tensor, window_offset: int) -> None:
+        window = self.windows.get(req_id)
+        if window is None:
+            window = self.windows[req_id] = queries.new_zeros(self.num_layers, self.policy.window, *queries.shape[1:])
+        window[layer_idx, window_offset : window_offset + queries.shape[0]] = queries
+
+    def layer_scores(self, layer_idx: int, num_slots: int, num_kv_heads: int) -> torch.Tensor:
+        scores = self.scores.get(layer_idx)
+        if scores is None:
+            scores = self.scores[layer_idx] = torch.zeros(num_slots, num_kv_heads)
+        return scores
+
+    def drop(self, req_ids) -> None:
+        for req_id in req_ids:
+            self.windows.pop(req_id, None)
+
+
+class GKVEventRecorder:
+    """Opt-in debug record of G-KV kept rows (indices into the rows resident before the
+    event), per request, event and layer; tests compare them with the HF reference's."""
+
+    def __init__(self) -> None:
+        self.kept: dict[str, dict[int, dict[int, torch.Tensor]]] = {}
+
+    def record(self, req_id: str, event: int, layer_idx: int, kept: torch.Tensor) -> None:
+        self.kept.setdefault(req_id, {}).setdefault(event, {})[layer_idx] = kept.clone()
+
+    def for_request(self, request_id: str) -> dict[int, dict[int, torch.Tensor]]:
+        """Events of the request the front end calls ``request_id`` (empty if none ran)."""
+        found = [kept for engine_id, kept in self.kept.items() if engine_id.rsplit("-", 1)[0] == request_id]
+        assert len(found) <= 1, f"several engine requests match {request_id!r}"
+        return found[0] if found else {}
+
+
 @dataclass
 class CompactionTimer:
     """Seconds one forward pass has spent in scoring and compaction, all layers."""
@@ -94,6 +177,10 @@ class EvictionStep:
             request keeps a different count per layer (PyramidKV); ``None``: every layer
             writes where the runner's slot mapping says.
         timer: where the attention layers add the time their compaction takes.
+        gkv_jobs: G-KV events run at the end of this step's attention, per layer.
+        gkv_captures: query rows of this step that go into G-KV windows.
+        gkv_state: the worker's windows and global scores (G-KV engines only).
+        gkv_recorder: where G-KV kept rows go, if a test asked for them.
     """
 
     jobs: list[CompactionJob] = field(default_factory=list)
@@ -103,6 +190,10 @@ class EvictionStep:
     recorder: KeptIndexRecorder | None = None
     layer_slot_mappings: list[torch.Tensor] | None = None
     timer: CompactionTimer = field(default_factory=CompactionTimer)
+    gkv_jobs: list[GKVStepJob] = field(default_factory=list)
+    gkv_captures: list[QueryCapture] = field(default_factory=list)
+    gkv_state: GKVWorkerState | None = None
+    gkv_recorder: GKVEventRecorder | None = None
 
 
 # the ModelRunnerOutput attribute by which a worker reports, for a step that compacted,

@@ -43,7 +43,7 @@ def test_flags_reach_additional_config(smollm2_dir):
         "other": 1,
         "judgeq": {
             "kv_eviction": "snapkv", "kv_budget": "256", "soft_tokens": None, "knobs": {"window": 16, "pool_kernel": 5},
-            "kv_admission_horizon": "300",
+            "kv_admission_horizon": "300", "kv_decode_interval": None,
         },
     }
     config = EvictionConfig.from_additional_config(args.additional_config)
@@ -77,7 +77,7 @@ def test_eviction_selects_our_classes(smollm2_dir):
 @pytest.mark.parametrize(
     "section, message",
     [
-        ({"kv_eviction": "bogus", "kv_budget": 64}, "'bogus' is not a policy; choose one of: none, h2o, judgeq"),
+        ({"kv_eviction": "bogus", "kv_budget": 64}, "'bogus' is not a policy; choose one of: none, gkv, h2o, judgeq, judgeq\\+gkv"),
         ({"kv_eviction": "snapkv", "kv_budget": 0}, "positive token count"),
         ({"kv_eviction": "snapkv", "kv_budget": -5}, "positive token count"),
         ({"kv_eviction": "snapkv", "kv_budget": 1.5}, r"ratio must be in \[0, 1\)"),

@@ -20,7 +20,7 @@ from vllm.v1.attention.backends.cpu_attn import (
 )
 
 from ...policies import ScoreInputs
-from ..step import CompactionJob, EvictionStep, current_step
+from ..step import CompactionJob, EvictionStep, GKVStepJob, current_step
 from .kv_layout import packed_tile_layout, read_rows, split_kv_cache, write_rows
 
 
@@ -68,7 +68,8 @@ class EvictionCPUMetadataBuilder(CPUAttentionMetadataBuilder):
 
 
 class EvictionCPUAttentionImpl(CPUAttentionBackendImpl):
-    """After a layer's attention, compacts the prompts that end in this step."""
+    """After a layer's attention, compacts the prompts that end in this step, keeps the
+    query rows of G-KV windows, and runs the G-KV events that end in this step."""
 
     def forward(
         self,
@@ -90,11 +91,17 @@ class EvictionCPUAttentionImpl(CPUAttentionBackendImpl):
         step = current_step()
         # attn_metadata is None during warm-up; the step's KV is already in the cache and
         # no later token of these requests has passed this layer yet
-        if attn_metadata is not None and step is not None and step.jobs:
+        if attn_metadata is not None and step is not None and (step.jobs or step.gkv_jobs or step.gkv_captures):
             started = time.perf_counter()
             layer_idx = extract_layer_index(layer.layer_name)
             for job in step.jobs:
                 self._compact(job, step, layer, layer_idx, query, kv_cache, attn_metadata)
+            # captures first: an event's window ends with the rows of its own step
+            for capture in step.gkv_captures:
+                rows = query[capture.first_token : capture.first_token + capture.count]
+                step.gkv_state.capture(capture.req_id, layer_idx, rows, capture.window_offset)
+            for gkv_job in step.gkv_jobs:
+                self._compact_gkv(gkv_job, step, layer, layer_idx, kv_cache)
             step.timer.seconds += time.perf_counter() - started
         return output
 
@@ -147,6 +154,47 @@ class EvictionCPUAttentionImpl(CPUAttentionBackendImpl):
             kept_keys, kept_values, key_cache, value_cache, slots, self.isa,
             layer._k_scale_float, layer._v_scale_float, self.kv_cache_dtype,
         )
+
+
+    def _compact_gkv(self, step_job: GKVStepJob, step: EvictionStep, layer, layer_idx: int, kv_cache: torch.Tensor) -> None:
+        """One G-KV event in one layer: scores the resident rows ``[source_start,
+        source_end)`` with the request's query window and its previous global scores, and
+        moves the kept rows and their scores to ``[S_i, S_i + b)``."""
+        job, state, policy = step_job.job, step.gkv_state, step.gkv_state.policy
+        key_cache, value_cache = split_kv_cache(kv_cache)
+        block_size, head_dim = kv_cache.shape[2], key_cache.shape[-1]
+        num_kv_heads = key_cache.shape[1]
+        layout = packed_tile_layout(self.isa, kv_cache.dtype, block_size, head_dim)
+        # source_start is block aligned: the rows start at a block of the row
+        source_blocks = step_job.block_ids[job.source_start // block_size :]
+        num_rows = job.source_end - job.source_start
+        keys = read_rows(key_cache, source_blocks, num_rows, layout.key_map)
+        scores = state.layer_scores(layer_idx, kv_cache.shape[0] * block_size, num_kv_heads)
+        budget, window = job.target.keep, policy.window
+        previous = None
+        if job.has_previous_scores:
+            previous = scores[_slots(step_job.block_ids, job.source_start + torch.arange(budget - window), block_size)].T
+        compression = policy.compress(state.windows[step_job.req_id][layer_idx], keys, self.scale, budget, previous)
+        kept = compression.kept
+        if step.gkv_recorder is not None:
+            step.gkv_recorder.record(step_job.req_id, job.event, layer_idx, kept)
+        values = read_rows(value_cache, source_blocks, num_rows, layout.value_map)
+        index = kept[:, :, None].expand(-1, -1, head_dim)
+        kept_keys = keys.gather(1, index).transpose(0, 1).contiguous()
+        kept_values = values.gather(1, index).transpose(0, 1).contiguous()
+        slots = _slots(step_job.block_ids, job.target.first_kept_slot + torch.arange(budget), block_size)
+        write_rows(
+            kept_keys, kept_values, key_cache, value_cache, slots, self.isa,
+            layer._k_scale_float, layer._v_scale_float, self.kv_cache_dtype,
+        )
+        # the scored rows come first in `kept` (ascending, the window rows last)
+        scores[slots[: budget - window]] = compression.global_scores.T
+        if layer_idx == state.num_layers - 1:
+            state.windows.pop(step_job.req_id)
+
+
+def _slots(block_ids: torch.Tensor, logical_slots: torch.Tensor, block_size: int) -> torch.Tensor:
+    return block_ids[logical_slots // block_size] * block_size + logical_slots % block_size
 
 
 class EvictionCPUAttentionBackend(CPUAttentionBackend):

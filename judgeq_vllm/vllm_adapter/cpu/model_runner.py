@@ -23,7 +23,11 @@ from ..step import (
     EVICTION_SECONDS_ATTR,
     CompactionJob,
     EvictionStep,
+    GKVEventRecorder,
+    GKVStepJob,
+    GKVWorkerState,
     KeptIndexRecorder,
+    QueryCapture,
     ShiftedRow,
     current_step,
     set_current_step,
@@ -42,6 +46,9 @@ class EvictionCPUModelRunner(CPUModelRunner):
         self.num_attention_layers = self.model_config.get_num_layers(self.parallel_config)
         # opt-in debug hook (tests): records the kept indices of every compaction
         self.kept_index_recorder: KeptIndexRecorder | None = None
+        self.gkv_event_recorder: GKVEventRecorder | None = None
+        decode_policy = config.build_decode_policy()
+        self.gkv_state = GKVWorkerState(decode_policy, self.num_attention_layers) if decode_policy else None
         # compaction time of the last forward pass, until sample_tokens reports it
         self._eviction_seconds: float | None = None
 
@@ -67,10 +74,14 @@ class EvictionCPUModelRunner(CPUModelRunner):
         input_batch._make_prompt_token_ids_cpu_tensor = prompt_ids_without_soft_tokens
 
     def execute_model(self, scheduler_output: SchedulerOutput, intermediate_tensors=None):
+        if self.gkv_state is not None:
+            # a window whose event never ran (the request ended or was aborted first)
+            self.gkv_state.drop(scheduler_output.finished_req_ids)
         with step_scope():
             output = super().execute_model(scheduler_output, intermediate_tensors)
             step = current_step()
-            self._eviction_seconds = step.timer.seconds if step is not None and step.jobs else None
+            compacted = step is not None and (step.jobs or step.gkv_jobs)
+            self._eviction_seconds = step.timer.seconds if compacted else None
             return output
 
     def sample_tokens(self, grammar_output):
@@ -83,7 +94,9 @@ class EvictionCPUModelRunner(CPUModelRunner):
     def _prepare_inputs(self, scheduler_output: SchedulerOutput, num_scheduled_tokens: np.ndarray):
         logits_indices, spec_decode_metadata = super()._prepare_inputs(scheduler_output, num_scheduled_tokens)
         jobs, compacted = scheduler_output.judgeq_jobs, scheduler_output.judgeq_compacted
-        if not jobs and not compacted:
+        gkv_jobs = getattr(scheduler_output, "judgeq_gkv_jobs", {})
+        gkv_captures = getattr(scheduler_output, "judgeq_gkv_captures", {})
+        if not jobs and not compacted and not gkv_jobs and not gkv_captures:
             set_current_step(None)
             return logits_indices, spec_decode_metadata
         block_table = self.input_batch.block_table.block_tables[0]
@@ -109,6 +122,15 @@ class EvictionCPUModelRunner(CPUModelRunner):
                 per_layer_rows.append((plan, start, end, row_blocks, positions.clone()))
             positions -= plan.num_soft
             shifted_rows.append(ShiftedRow(row, plan))
+        gkv_jobs_of_step = [
+            GKVStepJob(req_id, job, block_rows[self.input_batch.req_id_to_index[req_id]].long())
+            for req_id, job in gkv_jobs.items()
+        ]
+        captures = [
+            QueryCapture(req_id, int(query_start_loc[self.input_batch.req_id_to_index[req_id]]) + capture.first_token,
+                         capture.window_offset, capture.count)
+            for req_id, capture in gkv_captures.items()
+        ]
         layer_slot_mappings = None
         if per_layer_rows:
             layer_slot_mappings = []
@@ -125,6 +147,10 @@ class EvictionCPUModelRunner(CPUModelRunner):
                 num_layers=self.num_attention_layers,
                 recorder=self.kept_index_recorder,
                 layer_slot_mappings=layer_slot_mappings,
+                gkv_jobs=gkv_jobs_of_step,
+                gkv_captures=captures,
+                gkv_state=self.gkv_state,
+                gkv_recorder=self.gkv_event_recorder,
             )
         )
         return logits_indices, spec_decode_metadata
