@@ -115,12 +115,16 @@ class GKVSchedulerMixin(EvictionSchedulerMixin):
             schedule = self.gkv_schedules.get(req_id)
             if schedule is None:
                 continue
-            computed = self.requests[req_id].num_computed_tokens
+            request = self.requests[req_id]
+            computed = request.num_computed_tokens
             job, capture = step_work(schedule, computed, num_tokens)
             if job is not None:
                 jobs[req_id] = job
                 self.gkv_events_scheduled.setdefault(req_id, set()).add(job.event)
-            if capture is not None:
+            # an event past the request's last pass never runs: its window would only wait
+            # in the worker for the request's end to be reported
+            last_pass_end = min(request.num_prompt_tokens + request.max_tokens, self.max_model_len) - 1
+            if capture is not None and capture.event <= last_pass_end:
                 captures[req_id] = capture
             layout = schedule.layout_before(computed)
             if layout is not None:

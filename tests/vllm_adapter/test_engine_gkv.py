@@ -184,3 +184,34 @@ def test_judgeq_then_gkv_keeps_what_the_reference_keeps(smollm2_dir, reference_m
     for eviction in reference.evictions:
         for layer, expected in enumerate(eviction.kept):
             assert torch.equal(events[eviction.num_tokens + num_soft][layer], expected), (eviction.num_tokens, layer)
+
+
+def test_preempted_requests_replay_their_events(smollm2_dir, engine_prompts):
+    """A pool too small for six G-KV requests at once: preempted requests are prefilled
+    again with chunks cut at every event, their windows captured from those chunks and
+    their events replayed in order, and they give the outputs they give alone."""
+    engine = make_llm(
+        smollm2_dir, llm_kwargs("gkv", 64, decode_interval=INTERVAL, admission_horizon=0),
+        max_model_len=312, max_num_batched_tokens=64, num_gpu_blocks_override=20,
+    )
+    scheduler = engine_core(engine).scheduler
+    preempt = scheduler._preempt_request
+    preempted = []
+
+    def counting_preempt(request, timestamp):
+        preempted.append(request.request_id)
+        preempt(request, timestamp)
+
+    prompts = engine_prompts[:6]
+    try:
+        start = free_blocks(engine)
+        alone = [list(greedy(engine, [p], max_tokens=120, ignore_eos=True)[0].outputs[0].token_ids) for p in prompts]
+        scheduler._preempt_request = counting_preempt
+        together = [list(out.outputs[0].token_ids) for out in greedy(engine, prompts, max_tokens=120, ignore_eos=True)]
+        assert free_blocks(engine) == start
+        # no window was started for an event past the requests' last pass
+        assert not model_runner(engine).gkv_state.windows
+    finally:
+        shutdown(engine)
+    assert preempted, "the pool is meant to force preemption"
+    assert together == alone
