@@ -22,7 +22,9 @@ Exported (labels ``model_name``, ``engine``, as vLLM's own):
 | ``judgeq:requests_skipped_total{reason}`` | counter | requests served without eviction, by reason (``off_by_request``, ``fits_budget``, ...) |
 | ``judgeq:compactions_total`` | counter | prompts compacted |
 | ``judgeq:tokens_evicted_total`` | counter | prompt tokens evicted per (layer, kv head), summed over requests |
-| ``judgeq:blocks_freed_total`` | counter | KV blocks returned to the pool by compaction |
+| ``judgeq:blocks_freed_total`` | counter | KV blocks returned to the pool by compaction (prefill and G-KV events) |
+| ``judgeq:decode_compactions_total`` | counter | G-KV compactions (its prefill compression included) |
+| ``judgeq:decode_rows_evicted_total`` | counter | rows per (layer, kv head) G-KV compactions dropped, summed |
 | ``judgeq:compression_ratio`` | histogram | per compaction, the fraction of the candidates' KV removed |
 | ``judgeq:eviction_step_seconds`` | histogram | per step that compacted, worker time in scoring and compaction |
 | ``judgeq:kv_free_blocks`` / ``judgeq:kv_total_blocks`` | gauge | the block pool (free includes cached-free blocks) |
@@ -65,6 +67,9 @@ class EvictionCollector(Collector):
         yield self._counter("judgeq:tokens_evicted", "Prompt tokens evicted per (layer, kv head), summed.",
                             stats["tokens_evicted"])
         yield self._counter("judgeq:blocks_freed", "KV blocks returned to the pool by compaction.", stats["blocks_freed"])
+        yield self._counter("judgeq:decode_compactions", "G-KV compactions.", stats["decode_compactions"])
+        yield self._counter("judgeq:decode_rows_evicted", "Rows per (layer, kv head) dropped by G-KV compactions, summed.",
+                            stats["decode_rows_evicted"])
         yield self._histogram("judgeq:compression_ratio", "Per compaction, the fraction of the candidates' KV removed.",
                               stats["compression_ratio_histogram"])
         yield self._histogram("judgeq:eviction_step_seconds", "Per step that compacted, worker seconds spent scoring "

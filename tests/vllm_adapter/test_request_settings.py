@@ -82,6 +82,7 @@ def test_stats_count_requests_by_policy_and_render_for_prometheus():
     stats.record_admission("snapkv", "off_by_request")
     plan = plan_request(400, make_policy("snapkv"), KVBudget(tokens=100), BLOCK, num_layers=30)
     stats.record_compaction(plan, blocks_freed=plan.freed_blocks)
+    stats.record_decode_compaction(rows_evicted=32, blocks_freed=2)
     stats.eviction_seconds.observe(0.02)
     collector = EvictionCollector("m")
     registry = CollectorRegistry()
@@ -104,7 +105,9 @@ def test_stats_count_requests_by_policy_and_render_for_prometheus():
         ("judgeq:requests_skipped_total", (("reason", "off_by_request"),)): 1,
         ("judgeq:compactions_total", ()): 1,
         ("judgeq:tokens_evicted_total", ()): 300,
-        ("judgeq:blocks_freed_total", ()): plan.freed_blocks,
+        ("judgeq:blocks_freed_total", ()): plan.freed_blocks + 2,
+        ("judgeq:decode_compactions_total", ()): 1,
+        ("judgeq:decode_rows_evicted_total", ()): 32,
         # 300 of 400 tokens removed: 0.75
         ("judgeq:compression_ratio_bucket", (("le", "0.7"),)): 0,
         ("judgeq:compression_ratio_bucket", (("le", "0.8"),)): 1,
