@@ -69,6 +69,20 @@ def test_engine_keeps_what_the_reference_keeps(llm, engine_prompts, references):
     assert same_sets == total_sets, f"kept sets differ at (event, layer, head) {differing}"
 
 
+def test_identical_prompt_reuses_only_blocks_no_event_rewrites(llm, engine_prompts):
+    """Prefix caching: blocks from the first compaction's S on are never hashed, so a second
+    identical prompt hits only the head below it, and decodes the same tokens."""
+    scheduler = engine_core(llm).scheduler
+    for index in PROMPT_INDICES:
+        prompt = engine_prompts[index]
+        first = greedy(llm, [prompt], max_tokens=40, ignore_eos=True)[0]
+        second = greedy(llm, [prompt], max_tokens=40, ignore_eos=True)[0]
+        assert not scheduler.gkv_schedules
+        # 140 tokens: S of the prefill event; 100 tokens: S of the event at 132; both 16
+        assert second.num_cached_tokens == 16
+        assert list(second.outputs[0].token_ids) == list(first.outputs[0].token_ids)
+
+
 def add(llm, request_id, prompt, max_tokens):
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
