@@ -87,8 +87,12 @@ class EvictionConfig:
             budget=KVBudget.parse(section["kv_budget"]),
             soft_tokens=section.get("soft_tokens"),
             knobs=dict(section.get("knobs") or {}),
-            admission_horizon=_admission_horizon(section.get("kv_admission_horizon")),
-            decode_interval=_decode_interval(section.get("kv_decode_interval")),
+            admission_horizon=_whole_number(
+                section.get("kv_admission_horizon"), DEFAULT_ADMISSION_HORIZON, 0, "--kv-admission-horizon", "decode tokens"
+            ),
+            decode_interval=_whole_number(
+                section.get("kv_decode_interval"), DEFAULT_DECODE_INTERVAL, 1, "--kv-decode-interval", "decode steps"
+            ),
         )
         config.build_policy(load_soft_tokens=False)  # unknown knobs / bad values fail here
         decode_policy = config.build_decode_policy()
@@ -145,28 +149,17 @@ class EvictionConfig:
         return GKVPolicy(window=window, interval=self.decode_interval)
 
 
-def _decode_interval(value: Any) -> int:
+def _whole_number(value: Any, default: int, minimum: int, flag: str, unit: str) -> int:
+    """``value`` as an int ``>= minimum`` (``default`` for ``None``), else a ValueError naming ``flag``."""
     if value is None:
-        return DEFAULT_DECODE_INTERVAL
+        return default
     try:
-        steps = int(value)
+        number = int(value)
     except (TypeError, ValueError):
-        steps = 0
-    if steps < 1 or str(steps) != str(value).strip():
-        raise ValueError(f"--kv-decode-interval must be a whole number of decode steps >= 1, got {value!r}")
-    return steps
-
-
-def _admission_horizon(value: Any) -> int:
-    if value is None:
-        return DEFAULT_ADMISSION_HORIZON
-    try:
-        tokens = int(value)
-    except (TypeError, ValueError):
-        tokens = -1
-    if tokens < 0 or str(tokens) != str(value).strip():
-        raise ValueError(f"--kv-admission-horizon must be a whole number of decode tokens >= 0, got {value!r}")
-    return tokens
+        number = minimum - 1
+    if number < minimum or str(number) != str(value).strip():
+        raise ValueError(f"{flag} must be a whole number of {unit} >= {minimum}, got {value!r}")
+    return number
 
 
 def llm_kwargs(

@@ -165,19 +165,7 @@ class GKVSchedulerMixin(EvictionSchedulerMixin):
 class GKVScheduler(GKVSchedulerMixin, Scheduler):
     """vLLM's synchronous scheduler (the CPU platform's) with G-KV."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        config = EvictionConfig.from_additional_config(self.vllm_config.additional_config)
-        assert config is not None, "GKVScheduler is only installed when eviction is on"
-        self._init_eviction(config)
-
 
 class GKVAsyncScheduler(GKVSchedulerMixin, AsyncScheduler):
     """vLLM's asynchronous scheduler with G-KV (the GPU worker has no G-KV path yet:
     ``config.validate_engine`` refuses it there)."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        config = EvictionConfig.from_additional_config(self.vllm_config.additional_config)
-        assert config is not None, "GKVAsyncScheduler is only installed when eviction is on"
-        self._init_eviction(config)

@@ -53,7 +53,13 @@ STATS_LOG_INTERVAL_S = 10.0
 
 
 class EvictionSchedulerMixin:
-    """Eviction on top of a vLLM scheduler; call :meth:`_init_eviction` after its ``__init__``."""
+    """Eviction on top of a vLLM scheduler (first base class: its ``__init__`` runs vLLM's, then :meth:`_init_eviction`)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        config = EvictionConfig.from_additional_config(self.vllm_config.additional_config)
+        assert config is not None, f"{type(self).__name__} is only installed when eviction is on"
+        self._init_eviction(config)
 
     def _init_eviction(self, config: EvictionConfig) -> None:
         self.eviction_config = config
@@ -314,12 +320,6 @@ def _uses_penalties(request: Request) -> bool:
 class EvictionScheduler(EvictionSchedulerMixin, Scheduler):
     """vLLM's synchronous scheduler (the CPU platform's) with eviction."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        config = EvictionConfig.from_additional_config(self.vllm_config.additional_config)
-        assert config is not None, "EvictionScheduler is only installed when eviction is on"
-        self._init_eviction(config)
-
 
 def _engine_core_eviction_stats(engine_core: EngineCore) -> dict:
     return engine_core.scheduler.eviction_snapshot()
@@ -333,12 +333,6 @@ class EvictionAsyncScheduler(EvictionSchedulerMixin, AsyncScheduler):
     ``S / bs`` on, and the freed blocks can be handed out only by a later ``schedule``,
     whose step runs after it on the same stream (docs/gpu-path-design.md §5).
     """
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        config = EvictionConfig.from_additional_config(self.vllm_config.additional_config)
-        assert config is not None, "EvictionAsyncScheduler is only installed when eviction is on"
-        self._init_eviction(config)
 
 
 def make_scheduler(*args: Any, **kwargs: Any) -> Scheduler:
