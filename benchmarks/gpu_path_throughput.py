@@ -61,35 +61,70 @@ def random_artifact(model_dir: str, directory: str) -> str:
 
 
 class StepRecorder:
-    """Hooks on an in-process engine: preemptions, running requests per step, and a CUDA
-    event at the start of every model-runner step with its batch shape."""
+    """Hooks on an in-process engine: preemptions, running requests per step, a CUDA event
+    at the start of every model-runner step with its batch shape and compaction jobs, the
+    host seconds spent in ``schedule`` and ``execute_model``, and Triton JIT compiles."""
 
     def __init__(self, core) -> None:
-        self.preemptions = 0
-        self.most_running = 0
-        self.steps: list[tuple[torch.cuda.Event, int, int]] = []
+        import triton
+
+        self.reset()
         scheduler, runner = core.scheduler, core.model_executor.driver_worker.worker.model_runner
         preempt, schedule, execute = scheduler._preempt_request, scheduler.schedule, runner.execute_model
+        compile_hook = triton.knobs.runtime.jit_post_compile_hook
 
         def counting_preempt(*args, **kwargs):
             self.preemptions += 1
             return preempt(*args, **kwargs)
 
         def counting_schedule(*args, **kwargs):
+            started = time.perf_counter()
             output = schedule(*args, **kwargs)
+            self.schedule_s += time.perf_counter() - started
             self.most_running = max(self.most_running, len(scheduler.running))
             return output
 
         def timed_execute(scheduler_output, *args, **kwargs):
             event = torch.cuda.Event(enable_timing=True)
             event.record()
-            self.steps.append((event, len(scheduler_output.num_scheduled_tokens), scheduler_output.total_num_scheduled_tokens))
-            return execute(scheduler_output, *args, **kwargs)
+            jobs = len(getattr(scheduler_output, "judgeq_jobs", None) or ())
+            self.steps.append((event, len(scheduler_output.num_scheduled_tokens), scheduler_output.total_num_scheduled_tokens, jobs))
+            started = time.perf_counter()
+            try:
+                return execute(scheduler_output, *args, **kwargs)
+            finally:
+                self.execute_s += time.perf_counter() - started
+
+        def counting_compile(**kwargs):
+            self.jit_compiles.append(getattr(kwargs.get("fn"), "name", "?"))
+            return compile_hook(**kwargs) if compile_hook is not None else None
 
         scheduler._preempt_request, scheduler.schedule, runner.execute_model = counting_preempt, counting_schedule, timed_execute
+        triton.knobs.runtime.jit_post_compile_hook = counting_compile
 
     def reset(self) -> None:
-        self.preemptions, self.most_running, self.steps = 0, 0, []
+        self.preemptions, self.most_running, self.schedule_s, self.execute_s = 0, 0, 0.0, 0.0
+        self.steps: list[tuple[torch.cuda.Event, int, int, int]] = []
+        self.jit_compiles: list[str] = []
+
+    def step_summary(self) -> dict:
+        """Where the time went: GPU-timeline periods between step starts, split by steps
+        with and without compaction jobs, host seconds, and kernels compiled mid-run."""
+        torch.cuda.synchronize()
+        periods = [start.elapsed_time(end) for (start, *_), (end, *_) in zip(self.steps, self.steps[1:])]
+        with_jobs = [period for period, (_, _, _, jobs) in zip(periods, self.steps) if jobs]
+        return {
+            "steps": len(self.steps),
+            "scheduled_tokens": sum(tokens for _, _, tokens, _ in self.steps),
+            "steps_with_jobs": len(with_jobs),
+            "period_s_with_jobs": round(sum(with_jobs) / 1e3, 3),
+            "period_s_without_jobs": round((sum(periods) - sum(with_jobs)) / 1e3, 3),
+            "schedule_host_s": round(self.schedule_s, 3),
+            "execute_host_s": round(self.execute_s, 3),
+            "jit_compiles": self.jit_compiles,
+            # (requests, tokens, jobs, ms to the next step's start), for a look at the shape
+            "step_detail": [(reqs, tokens, jobs, round(period, 2)) for (_, reqs, tokens, jobs), period in zip(self.steps, periods)],
+        }
 
     def decode_step_ms(self, batch: int) -> dict:
         """Periods between consecutive step starts where both steps decode ``batch`` requests
@@ -97,7 +132,7 @@ class StepRecorder:
         torch.cuda.synchronize()
         periods = [
             start.elapsed_time(end)
-            for (start, reqs, tokens), (end, next_reqs, next_tokens) in zip(self.steps, self.steps[1:])
+            for (start, reqs, tokens, _), (end, next_reqs, next_tokens, _) in zip(self.steps, self.steps[1:])
             if reqs == tokens == batch and next_reqs == next_tokens == batch
         ]
         if not periods:
@@ -155,6 +190,8 @@ def run_engine(model_dir: str, policy: str | None, artifact: str, part: dict, ma
     if recorder is not None:
         result.update(preemptions=recorder.preemptions, most_running=recorder.most_running,
                       **recorder.decode_step_ms(part["num_requests"]))
+        if part_name == "prefill":
+            result["step_summary"] = recorder.step_summary()
     if policy is not None:
         client = llm.llm_engine.engine_core
         result["eviction_stats"] = core.judgeq_stats() if core is not None else client.call_utility("judgeq_stats")

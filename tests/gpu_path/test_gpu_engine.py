@@ -223,10 +223,14 @@ def test_policy_matches_the_reference(name, model_dir, prompts, hf_reference):
         "blocks_freed": stats["blocks_freed"],
         "expected_blocks_freed": expected_freed,
         "pool_back_to_start": free_at_end == free_at_start,
+        "eviction_seconds_histogram": stats["eviction_seconds_histogram"],
     }
     print(json.dumps({name: RESULTS[name]}))
     assert free_at_end == free_at_start
     assert stats["blocks_freed"] == expected_freed
+    # one GPU-timed observation per step that compacted (a step may compact several requests)
+    timed = stats["eviction_seconds_histogram"]
+    assert 1 <= timed["count"] <= stats["requests_evicted"] and timed["sum"] > 0
     floor = bf16_vs_fp32.as_dict()["mean_overlap"]
     assert engine_vs_fp32.as_dict()["mean_overlap"] >= floor - 0.01
 

@@ -5,11 +5,15 @@ step whose chunks end some prompts; each attention layer's ``forward`` calls
 :meth:`GPUCompactionStep.select_layer` after vLLM's attention (the step's KV is in the
 cache by then), and the runner calls :meth:`GPUCompactionStep.compact` once the whole
 forward has been enqueued: one ``compact_paged`` launch moves every layer's kept rows.
-All of it runs on the model's stream, without host syncs.
+All of it runs on the model's stream, without host syncs. CUDA events around each piece
+of work give the step's eviction time on the GPU, read once the step's output is copied
+(:meth:`GPUCompactionStep.gpu_seconds`).
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -31,6 +35,7 @@ class GPUCompactionStep:
         recorder: where kept indices go, if a test asked for them (syncs: tests only).
         kept: per layer, ``[J, num_kv_heads, max_keep]`` kept indices, once selected.
         caches: per layer, the layer's KV cache, once seen.
+        events: (start, end) CUDA events around each layer's selection and the compaction.
     """
 
     jobs: CompactionJobs
@@ -39,14 +44,15 @@ class GPUCompactionStep:
     recorder: KeptIndexRecorder | None = None
     kept: list[torch.Tensor | None] = field(default_factory=list)
     caches: list[torch.Tensor | None] = field(default_factory=list)
+    events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.kept = [None] * self.num_layers
         self.caches = [None] * self.num_layers
 
     def select_layer(self, layer_idx: int, query: torch.Tensor, kv_cache: torch.Tensor, scale: float) -> None:
-        scores = score_layer(self.policy, self.jobs, query, kv_cache, scale)
-        kept = select_kept(scores, self.jobs)
+        with self._timed():
+            kept = select_kept(score_layer(self.policy, self.jobs, query, kv_cache, scale), self.jobs)
         self.kept[layer_idx] = kept
         self.caches[layer_idx] = kv_cache
         if self.recorder is not None:
@@ -59,6 +65,21 @@ class GPUCompactionStep:
         # a step replayed as a FULL CUDA graph runs no Python attention: the dispatch
         # guard must have prevented that, and compacting half the layers would corrupt them
         assert not missing, f"compaction step: layers {missing[:8]} selected nothing"
-        compact_paged(
-            self.caches, self.jobs.block_rows, torch.stack(self.kept), self.jobs.keep, dest_start=self.jobs.dest_start
-        )
+        with self._timed():
+            compact_paged(
+                self.caches, self.jobs.block_rows, torch.stack(self.kept), self.jobs.keep, dest_start=self.jobs.dest_start
+            )
+
+    def gpu_seconds(self) -> float:
+        """GPU time of the step's scoring, selection and compaction; waits for the last event
+        (done already once the step's sampled tokens have reached the host)."""
+        self.events[-1][1].synchronize()
+        return sum(start.elapsed_time(end) for start, end in self.events) / 1e3
+
+    @contextlib.contextmanager
+    def _timed(self) -> Iterator[None]:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        yield
+        end.record()
+        self.events.append((start, end))

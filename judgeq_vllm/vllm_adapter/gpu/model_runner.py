@@ -30,7 +30,7 @@ from vllm.v1.worker.gpu.model_states.default import DefaultModelState
 from ..config import EvictionConfig
 from ..embedding import install_soft_token_embedding
 from ..plan import EvictionPlan
-from ..step import KeptIndexRecorder, current_step, set_current_step
+from ..step import EVICTION_SECONDS_ATTR, KeptIndexRecorder, current_step, set_current_step
 from .attention import EvictionImplMixin
 from .compaction import GPUCompactionStep
 from .offsets import NO_PLAN, PLAN_FIELDS, TOTAL_LEN, apply_eviction_offsets
@@ -100,6 +100,8 @@ class EvictionGPUModelRunner(mrv2.GPUModelRunner):
         self._step_jobs: dict[str, EvictionPlan] = {}
         # set by prepare_attn when the offsets kernel wrote our buffers, read by the model state
         self.offsets_applied = False
+        # the compaction step whose GPU time goes with the next sampled output
+        self._timed_step: GPUCompactionStep | None = None
 
     # ---- set-up -------------------------------------------------------------------
 
@@ -230,11 +232,29 @@ class EvictionGPUModelRunner(mrv2.GPUModelRunner):
                 # after every layer's attention and before sampling: the async output
                 # copy waits for it, so the scheduler frees the head blocks after it ran
                 step.compact()
+                self._timed_step = step
             return output
         finally:
             set_current_step(None)
             self._step_jobs = {}
             self.offsets_applied = False
+
+    def sample_tokens(self, grammar_output):
+        output = super().sample_tokens(grammar_output)
+        step, self._timed_step = self._timed_step, None
+        if step is None or output is None:
+            return output
+        # the events are read where the output reaches the host (the executor's
+        # get_output, after the copy that follows the compaction): no sync here
+        get_output = output.get_output
+
+        def get_output_with_eviction_seconds():
+            model_runner_output = get_output()
+            setattr(model_runner_output, EVICTION_SECONDS_ATTR, step.gpu_seconds())
+            return model_runner_output
+
+        output.get_output = get_output_with_eviction_seconds
+        return output
 
 
 def _init_eviction_model_state(runner: EvictionGPUModelRunner, vllm_config, model, encoder_cache, device):

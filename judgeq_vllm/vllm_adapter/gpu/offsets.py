@@ -34,7 +34,9 @@ NO_PLAN = 2**31 - 1
 _BLOCK = 256
 
 
-@triton.jit
+# the counts change every step: specialising on them (== 1, multiple of 16) would compile
+# new variants in the middle of serving
+@triton.jit(do_not_specialize=["num_reqs", "num_tokens", "num_tokens_padded"])
 def eviction_offsets_kernel(
     idx_mapping,
     query_start_loc,
