@@ -23,9 +23,9 @@ def _row_offsets(
     return b_blk * s_kb + (o_tok % BS) * s_kt
 
 
-# B and the strides that scale with it change with the number of jobs per step: no
-# specialisation on them, so a serving engine compiles this kernel once
-@triton.jit(do_not_specialize=["s_il", "s_nl", "B"])
+# the job count and the strides that follow it and the kept count change from step to
+# step: no specialisation on them, so a serving engine compiles this kernel once
+@triton.jit(do_not_specialize=["s_il", "s_ib", "s_ih", "s_nl", "B"])
 def compact_kernel(
     kv_cache_ptrs,  # [L] int64: data pointer of each layer's cache [num_blocks, HKV, BS, 2 * D]
     block_tables,  # [B, max_blocks_per_req]

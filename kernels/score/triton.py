@@ -12,6 +12,10 @@ row, and that denominator covers all visible keys, so the keys are read twice.
 3. `score_pool_kernel` (pool_kernel > 1 only): max-pool over the candidate range.
 All logits are in base 2 (scaled by log2(e)) so the exponentials are exp2.
 Chunking over keys gives batch 1 with 8 kv heads enough programs to fill the GPU.
+
+Only tile shapes are compile-time constants; the chunk length and count, which the
+launcher picks per problem, are runtime values. A serving engine thus compiles each
+kernel once per tile shape (at its warm-up) and never in the middle of a step.
 """
 
 import functools
@@ -26,6 +30,8 @@ import triton.language as tl
 from ..utils import check_index_tensor, check_kv_cache, check_same_device, num_sms
 
 LOG2E = 1.4426950408889634
+# chunks' partial stats merged per load in the score pass
+MERGE_CHUNKS = tl.constexpr(32)
 
 
 @triton.jit
@@ -118,7 +124,7 @@ def score_stats_kernel(
     G: tl.constexpr,
     D: tl.constexpr,
     BS: tl.constexpr,
-    CHUNK: tl.constexpr,
+    chunk,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -131,10 +137,10 @@ def score_stats_kernel(
     bos = tl.load(query_start_loc + i_b).to(tl.int64)
     n_obs = tl.load(query_start_loc + i_b + 1).to(tl.int64) - bos
     key_len = tl.load(key_lens + i_b).to(tl.int64)
-    t_start = i_c * CHUNK
+    t_start = i_c * chunk
     if t_start >= key_len:
         return
-    t_end = tl.minimum(t_start + CHUNK, key_len)
+    t_end = tl.minimum(t_start + chunk, key_len)
     # keys before key_len - n_obs + 1 are visible to every obs row: their tiles need no mask
     t_full = tl.minimum(t_end, key_len - n_obs + 1)
     t_split = t_start + tl.maximum(t_full - t_start, 0) // BLOCK_N * BLOCK_N
@@ -233,11 +239,10 @@ def score_kernel(
     G: tl.constexpr,
     D: tl.constexpr,
     BS: tl.constexpr,
-    CHUNK: tl.constexpr,
+    chunk,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
-    BLOCK_C: tl.constexpr,
     NUM_M_TILES: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
@@ -251,8 +256,8 @@ def score_kernel(
     n_obs = tl.load(query_start_loc + i_b + 1).to(tl.int64) - bos
     key_len = tl.load(key_lens + i_b).to(tl.int64)
     n_cand = tl.load(num_candidates + i_b).to(tl.int64)
-    t_start = i_c * CHUNK
-    t_end = tl.minimum(t_start + CHUNK, T_OUT)
+    t_start = i_c * chunk
+    t_end = tl.minimum(t_start + chunk, T_OUT)
     t_stop = tl.minimum(t_end, n_cand)
     t_full = tl.minimum(t_stop, key_len - n_obs + 1)
     # [t_start, t_split): unmasked tiles; [t_split, t_fill): tiles holding the causal
@@ -274,7 +279,7 @@ def score_kernel(
             q, bos, n_obs, key_len, i_h, i_m, s_qt, s_qh, G, D, BLOCK_M, BLOCK_D
         )
         b_lse = _merge_lse(
-            p_part, o_r, tl.cdiv(key_len, CHUNK), NUM_M_TILES * BLOCK_M, BLOCK_M, BLOCK_C
+            p_part, o_r, tl.cdiv(key_len, chunk), NUM_M_TILES * BLOCK_M, BLOCK_M, MERGE_CHUNKS
         )
         # padding rows get lse = +inf, so exp2(logit - lse) = 0 drops them
         b_lse = tl.where(m_r, b_lse, float("inf"))
@@ -482,7 +487,7 @@ def score_paged(
         q=queries, query_start_loc=query_start_loc, kv_cache=kv_cache, block_tables=block_tables,
         key_lens=key_lens, num_candidates=num_candidates, part=part, scores=raw,
         qk_scale=qk_scale, s_sb=raw.stride(0), s_sh=raw.stride(1), NC=plan.num_chunks,
-        T_OUT=max_num_candidates, HKV=HKV, BLOCK_C=plan.block_c, **strides, **plan.meta,
+        T_OUT=max_num_candidates, HKV=HKV, **strides, **plan.meta,
     )
     if pool_kernel > 1:
         BLOCK_T = 1024
@@ -496,7 +501,6 @@ def score_paged(
 class _LaunchPlan(NamedTuple):
     num_chunks: int
     part_numel: int
-    block_c: int
     stats_grid: tuple[int, int, int]
     score_grid: tuple[int, int, int]
     meta: dict
@@ -523,7 +527,7 @@ def _launch_plan(
     NUM_M_TILES = triton.cdiv(max_num_obs * G, BLOCK_M)
     NC = triton.cdiv(max_key_len, cfg.chunk)
     meta = dict(
-        G=G, D=D, BS=BS, CHUNK=cfg.chunk, BLOCK_M=BLOCK_M, BLOCK_N=cfg.block_n,
+        G=G, D=D, BS=BS, chunk=cfg.chunk, BLOCK_M=BLOCK_M, BLOCK_N=cfg.block_n,
         BLOCK_D=triton.next_power_of_2(D), NUM_M_TILES=NUM_M_TILES,
         # fp32 caches (CPU tests) get an exact dot; 16-bit inputs are exact in any mode
         DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
@@ -533,8 +537,6 @@ def _launch_plan(
     return _LaunchPlan(
         num_chunks=NC,
         part_numel=B * HKV * NC * 2 * NUM_M_TILES * BLOCK_M,
-        # the score pass merges up to 32 chunks' partials per load
-        block_c=min(32, triton.next_power_of_2(NC)),
         stats_grid=(NC, HKV, B),
         score_grid=(triton.cdiv(max_num_candidates, cfg.chunk), HKV, B),
         meta=meta,

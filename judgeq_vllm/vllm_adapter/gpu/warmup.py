@@ -3,8 +3,9 @@
 Runs the real scoring, selection, compaction and offsets paths once on the first layer's
 cache with a fake job: block ids 0.., read-only for scoring, and a compaction whose rows
 are all in place already (the kernel skips them, nothing is written). A second scoring
-pass with more than 16K keys compiles the 128-key tile variant when the cache is large
-enough.
+pass with more than 16K keys in its jobs compiles the 128-key tile variant. The kernels
+take every per-step count as a runtime value (not specialised), so these two shapes are
+all a serving engine compiles.
 """
 
 from __future__ import annotations
@@ -17,36 +18,46 @@ from ..plan import EvictionPlan
 from .offsets import NO_PLAN, PLAN_FIELDS, apply_eviction_offsets
 from .selection import build_jobs, score_layer, select_kept
 
-_LONG_PROMPT = 16_448
+# keys in one step's jobs above which scoring uses 128-key tiles (ScoreConfig.resolved)
+_WIDE_TILE_KEYS = 16_384
 
 
 def warm_up_kernels(runner) -> None:
     kv_cache = runner.kv_caches[0]
     num_blocks, _, block_size, _ = kv_cache.shape
     policy = runner.eviction_policy
-    for prompt_len in (256, _LONG_PROMPT):
-        num_soft = policy.num_observations if policy.observation_source == ObservationSource.SOFT_TOKENS else 0
-        blocks_needed = -(-(prompt_len + num_soft) // block_size)
-        if blocks_needed > num_blocks:
-            break
-        _warm_up_scoring(runner, policy, kv_cache, prompt_len, num_soft, blocks_needed)
+    num_soft = policy.num_observations if policy.observation_source == ObservationSource.SOFT_TOKENS else 0
+    # the engine's block-table row stride is a kernel argument too: same width here
+    table_width = runner.block_tables.block_tables[0].gpu.shape[1]
+    longest = min(table_width, num_blocks) * block_size - num_soft
+    if longest >= 1:
+        # one short job (64-key tiles), then enough long ones for 128-key tiles
+        long_len = min(longest, 8192)
+        for prompt_len, num_jobs in ((min(256, longest), 1), (long_len, _WIDE_TILE_KEYS // long_len + 1)):
+            _warm_up_scoring(runner, policy, kv_cache, prompt_len, num_soft, num_jobs, table_width)
     _warm_up_offsets(runner)
     torch.accelerator.synchronize()
 
 
-def _warm_up_scoring(runner, policy, kv_cache, prompt_len: int, num_soft: int, num_blocks: int) -> None:
+def _warm_up_scoring(runner, policy, kv_cache, prompt_len: int, num_soft: int, num_jobs: int, table_width: int) -> None:
+    device = kv_cache.device
     num_obs = min(policy.num_observations, prompt_len)
-    keep = 64
+    keep = min(64, prompt_len)
     plan = EvictionPlan(prompt_len, num_soft, num_obs, keep, (keep,) * runner.num_attention_layers, kv_cache.shape[2])
-    block_rows = torch.arange(num_blocks, dtype=torch.int32, device=kv_cache.device)[None, :]
-    jobs = build_jobs(policy, ["warm-up"], [plan], [max(num_obs, 1)], block_rows, kv_cache.device)
+    # every job reads the same blocks: scoring only reads, and compaction finds its rows in place
+    block_row = torch.arange(table_width, dtype=torch.int32, device=device) % kv_cache.shape[0]
+    block_rows = block_row.expand(num_jobs, -1).contiguous()
+    rows_per_job = max(num_obs, 1)
+    query_ends = [rows_per_job * (j + 1) for j in range(num_jobs)]
+    jobs = build_jobs(policy, [f"warm-up-{j}" for j in range(num_jobs)], [plan] * num_jobs, query_ends, block_rows, device)
     num_q_heads = runner.model_config.get_num_attention_heads(runner.parallel_config)
     head_dim = kv_cache.shape[-1] // 2
-    query = torch.randn(max(num_obs, 1), num_q_heads, head_dim, dtype=kv_cache.dtype, device=kv_cache.device)
+    query = torch.randn(rows_per_job * num_jobs, num_q_heads, head_dim, dtype=kv_cache.dtype, device=device)
     select_kept(score_layer(policy, jobs, query, kv_cache, head_dim**-0.5), jobs)
     # kept rows already at their destinations: compiled, nothing moved
-    in_place = torch.arange(keep, device=kv_cache.device).expand(1, kv_cache.shape[1], keep)[None]
-    compact_paged([kv_cache], block_rows, in_place, jobs.keep)
+    first = plan.first_kept_slot
+    in_place = torch.arange(first, first + keep, device=device).expand(1, num_jobs, kv_cache.shape[1], keep)
+    compact_paged([kv_cache], block_rows, in_place, jobs.keep, dest_start=jobs.dest_start)
 
 
 def _warm_up_offsets(runner) -> None:

@@ -1,0 +1,54 @@
+"""The GPU runner's kernel warm-up (Triton interpreter on CPU, compiled on the GPU host):
+it runs scoring for both tile shapes and a compaction, and writes nothing to the cache."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from judgeq_vllm.kernels.score import triton as score_triton
+from judgeq_vllm.policies import ObservationSource, make_policy
+from judgeq_vllm.vllm_adapter.gpu import warmup
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+NUM_KV_HEADS, NUM_Q_HEADS, HEAD_DIM, BLOCK_SIZE, NUM_LAYERS = 2, 4, 16, 16, 3
+
+
+def fake_runner(policy, num_blocks: int, table_width: int) -> SimpleNamespace:
+    cache = torch.randn(num_blocks, NUM_KV_HEADS, BLOCK_SIZE, 2 * HEAD_DIM, device=DEVICE)
+    block_table = torch.zeros(4, table_width, dtype=torch.int32, device=DEVICE)
+    return SimpleNamespace(
+        kv_caches=[cache],
+        eviction_policy=policy,
+        block_tables=SimpleNamespace(block_tables=[SimpleNamespace(gpu=block_table)]),
+        num_attention_layers=NUM_LAYERS,
+        model_config=SimpleNamespace(get_num_attention_heads=lambda parallel_config: NUM_Q_HEADS),
+        parallel_config=None,
+        device=torch.device(DEVICE),
+        kernel_block_size=BLOCK_SIZE,
+    )
+
+
+@pytest.mark.parametrize("name", ["snapkv", "streamingllm"])
+def test_warm_up_scores_both_tile_shapes_and_writes_nothing(name, monkeypatch):
+    policy = make_policy(name)
+    # 1,100 blocks: room for the long jobs (8,192 keys each, three of them pass 16K keys)
+    runner = fake_runner(policy, num_blocks=1100, table_width=600)
+    before = runner.kv_caches[0].clone()
+    launches = []
+    launch_plan = score_triton._launch_plan
+
+    def recording_launch_plan(config, batch, *args):
+        plan = launch_plan(config, batch, *args)
+        launches.append((batch, plan.meta["BLOCK_N"]))
+        return plan
+
+    monkeypatch.setattr(score_triton, "_launch_plan", recording_launch_plan)
+    monkeypatch.setattr(torch.accelerator, "synchronize", lambda *args: None)
+    warmup.warm_up_kernels(runner)
+    assert torch.equal(runner.kv_caches[0], before)
+    if policy.observation_source == ObservationSource.NONE:
+        assert launches == []
+    else:
+        # one short job with 64-key tiles, then 128-key tiles: the two shapes the engine uses
+        assert [block_n for _, block_n in launches] == [64, 128]
