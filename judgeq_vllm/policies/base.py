@@ -127,6 +127,9 @@ class EvictionPolicy:
 
     name: str = ""
     observation_source: ObservationSource = ObservationSource.NONE
+    # whether layer_keep_count may differ between layers (engines then need per-layer
+    # attention lengths and slot mappings)
+    per_layer_budgets: bool = False
 
     @property
     def num_observations(self) -> int:

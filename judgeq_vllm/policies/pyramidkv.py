@@ -29,6 +29,7 @@ class PyramidKVPolicy(SnapKVPolicy):
 
     beta: int = 20
     name = "pyramidkv"
+    per_layer_budgets = True
 
     def __post_init__(self):
         super().__post_init__()

@@ -3,12 +3,18 @@
 import pytest
 import torch
 
+from judgeq_vllm.policies import KVBudget, make_policy
 from judgeq_vllm.vllm_adapter.gpu.offsets import (
     NO_PLAN,
     PLAN_FIELDS,
     apply_eviction_offsets,
+    apply_layer_eviction_offsets,
+    keep_deficits,
+    plan_state_row,
     reference_eviction_offsets,
+    reference_layer_eviction_offsets,
 )
+from judgeq_vllm.vllm_adapter.plan import plan_request
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 BLOCK_SIZE = 16
@@ -95,3 +101,72 @@ def test_rules_on_a_compacted_request():
     assert int(tensors["attn_seq_lens"][1]) == 332
     assert int(tensors["logits_indices"][1]) == int(logits_before[1]) - 32
     assert tensors["rope_positions"][1:33].tolist() == list(range(300, 332))
+
+
+NUM_LAYERS = 4
+
+
+def pyramid_plan(prompt_len, budget):
+    plan = plan_request(prompt_len, make_policy("pyramidkv", window=8), KVBudget(tokens=budget), BLOCK_SIZE, NUM_LAYERS)
+    assert not plan.uniform
+    return plan
+
+
+def layer_tensors(tensors, plans_by_slot, max_num_reqs=8):
+    """The per-layer inputs and outputs for a batch made by make_batch (outputs poisoned)."""
+    deficits = torch.zeros(max_num_reqs, NUM_LAYERS, dtype=torch.int32)
+    for slot, plan in plans_by_slot.items():
+        deficits[slot] = torch.tensor(keep_deficits(plan), dtype=torch.int32)
+    names = ("idx_mapping", "query_start_loc", "seq_lens", "positions", "plan_state", "block_table", "slot_mapping")
+    return {
+        **{name: tensors[name] for name in names},
+        "keep_deficits": deficits.to(DEVICE),
+        "layer_attn_seq_lens": torch.full((NUM_LAYERS, max_num_reqs), -1, dtype=torch.int32, device=DEVICE),
+        "layer_slot_mappings": torch.full(
+            (NUM_LAYERS, tensors["slot_mapping"].shape[0] + 4), -7, dtype=torch.int64, device=DEVICE
+        ),
+    }
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_layer_kernel_equals_reference(padded):
+    pyramid, short = pyramid_plan(300, 64), pyramid_plan(120, 40)
+    uniform = plan_request(200, make_policy("snapkv", window=8), KVBudget(tokens=50), BLOCK_SIZE, NUM_LAYERS)
+    rows = [
+        (3, plan_state_row(pyramid), 333, 1),  # decoding after a per-layer compaction
+        (0, plan_state_row(uniform), 210, 1),  # decoding, uniform plan (deficits 0)
+        (5, None, 40, 1),  # no plan
+        (1, plan_state_row(short), 100, 20),  # compaction step: chunk ends at L'
+        (2, plan_state_row(short), 125, 7),  # a question after the boundary (several tokens)
+    ]
+    num_tokens = sum(scheduled for *_, scheduled in rows)
+    tensors, sizes = make_batch(rows, num_tokens + (9 if padded else 0), num_reqs_padded=8 if padded else len(rows))
+    # vLLM's PAD_SLOT_ID in the padding, which the layers must keep
+    tensors["slot_mapping"][num_tokens:] = -1
+    layered = layer_tensors(tensors, {3: pyramid, 0: uniform, 1: short, 2: short})
+    expected = {k: v.cpu().clone() for k, v in layered.items()}
+    apply_layer_eviction_offsets(**layered, **sizes)
+    reference_layer_eviction_offsets(**expected, **sizes)
+    for name in ("layer_attn_seq_lens", "layer_slot_mappings"):
+        assert torch.equal(layered[name].cpu(), expected[name]), name
+
+
+def test_layer_rules_follow_the_plan():
+    """Each layer's slot and length from EvictionPlan.layer_slot_shift / layer_evicted_len,
+    and the layer keeping the most rows agrees with the shared kernel."""
+    plan = pyramid_plan(300, 64)
+    tensors, sizes = make_batch([(0, plan_state_row(plan), 340, 1), (1, None, 50, 2)], 3, 2)
+    layered = layer_tensors(tensors, {0: plan})
+    apply_layer_eviction_offsets(**layered, **sizes)
+    bt = tensors["block_table"].cpu()
+    for layer in range(NUM_LAYERS):
+        logical = 340 - plan.layer_slot_shift(layer)
+        assert int(layered["layer_slot_mappings"][layer, 0]) == int(bt[0, logical // 16]) * 16 + logical % 16
+        assert int(layered["layer_attn_seq_lens"][layer, 0]) == 341 - plan.layer_evicted_len(layer)
+        # the request without a plan keeps vLLM's slots and length
+        assert torch.equal(layered["layer_slot_mappings"][layer, 1:3], tensors["slot_mapping"][1:3])
+        assert int(layered["layer_attn_seq_lens"][layer, 1]) == 52
+    assert plan.layer_keeps[0] == plan.keep
+    apply_eviction_offsets(**tensors, **sizes)
+    assert torch.equal(layered["layer_slot_mappings"][0, :3], tensors["slot_mapping"][:3])
+    assert torch.equal(layered["layer_attn_seq_lens"][0, :2], tensors["attn_seq_lens"][:2])
