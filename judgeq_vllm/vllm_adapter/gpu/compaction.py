@@ -52,22 +52,23 @@ class GPUCompactionStep:
 
     def select_layer(self, layer_idx: int, query: torch.Tensor, kv_cache: torch.Tensor, scale: float) -> None:
         with self._timed():
-            kept = select_kept(score_layer(self.policy, self.jobs, query, kv_cache, scale), self.jobs)
+            kept = select_kept(score_layer(self.policy, self.jobs, query, kv_cache, scale), self.jobs, layer_idx)
         self.kept[layer_idx] = kept
         self.caches[layer_idx] = kv_cache
         if self.recorder is not None:
             for j, (req_id, plan) in enumerate(zip(self.jobs.req_ids, self.jobs.plans)):
-                self.recorder.record(req_id, layer_idx, kept[j, :, : plan.keep].cpu())
+                self.recorder.record(req_id, layer_idx, kept[j, :, : plan.layer_keeps[layer_idx]].cpu())
 
     def compact(self) -> None:
-        """Moves every layer's kept rows to ``[S, S + k)`` of each job's blocks (one launch)."""
+        """Moves every layer's kept rows to ``[S, S + k_l)`` of each job's blocks (one launch)."""
         missing = [layer for layer, kept in enumerate(self.kept) if kept is None]
         # a step replayed as a FULL CUDA graph runs no Python attention: the dispatch
         # guard must have prevented that, and compacting half the layers would corrupt them
         assert not missing, f"compaction step: layers {missing[:8]} selected nothing"
         with self._timed():
             compact_paged(
-                self.caches, self.jobs.block_rows, torch.stack(self.kept), self.jobs.keep, dest_start=self.jobs.dest_start
+                self.caches, self.jobs.block_rows, torch.stack(self.kept), self.jobs.num_kept,
+                dest_start=self.jobs.dest_start,
             )
 
     def gpu_seconds(self) -> float:

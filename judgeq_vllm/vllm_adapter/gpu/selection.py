@@ -39,7 +39,9 @@ class CompactionJobs:
         block_rows: [J, max_blocks] int32, the jobs' block-table rows.
         key_lens: [J] int32, ``L'`` (the observation queries are the last keys).
         num_scored: [J] int32, prompt tokens scored (before the protected tail).
-        keep: [J] int64, rows kept per kv head (``plan.keep``).
+        keep: [J] int64, rows kept per kv head (``plan.keep``, the largest layer's).
+        layer_keep: [L, J] int64, rows kept per kv head in each layer (``plan.layer_keeps``),
+            or None when every job keeps ``keep`` rows in every layer.
         dest_start: [J] int32, ``S``: where the kept rows go.
         protected: [J, max_prompt_len] bool, tokens kept whatever their score.
     """
@@ -53,6 +55,7 @@ class CompactionJobs:
     num_scored: torch.Tensor
     prompt_lens: torch.Tensor
     keep: torch.Tensor
+    layer_keep: torch.Tensor | None
     dest_start: torch.Tensor
     protected: torch.Tensor
     max_num_obs: int
@@ -64,6 +67,15 @@ class CompactionJobs:
     @property
     def num_jobs(self) -> int:
         return len(self.plans)
+
+    def keep_of_layer(self, layer: int) -> torch.Tensor:
+        """[J] rows kept per kv head in ``layer``."""
+        return self.keep if self.layer_keep is None else self.layer_keep[layer]
+
+    @property
+    def num_kept(self) -> torch.Tensor:
+        """``compact_paged``'s ``num_kept``: [J] (all layers alike) or [L, J]."""
+        return self.keep if self.layer_keep is None else self.layer_keep
 
 
 def protected_tail(policy: EvictionPolicy) -> int:
@@ -112,6 +124,10 @@ def build_jobs(
         num_scored=to_device(num_scored, torch.int32),
         prompt_lens=to_device([plan.prompt_len for plan in plans], torch.int64),
         keep=to_device([plan.keep for plan in plans], torch.int64),
+        layer_keep=(
+            None if all(plan.uniform for plan in plans)
+            else to_device(np.array([plan.layer_keeps for plan in plans]).T.copy(), torch.int64)
+        ),
         dest_start=to_device([plan.first_kept_slot for plan in plans], torch.int32),
         protected=to_device(protected, torch.bool),
         max_num_obs=max(num_obs),
@@ -167,16 +183,18 @@ def score_layer(
     return scores.masked_fill(positions >= jobs.prompt_lens[:, None, None], float("-inf"))
 
 
-def select_kept(scores: torch.Tensor, jobs: CompactionJobs) -> torch.Tensor:
-    """``[J, num_kv_heads, max_keep]`` int64 kept token indices, ascending per row.
+def select_kept(scores: torch.Tensor, jobs: CompactionJobs, layer: int) -> torch.Tensor:
+    """``[J, num_kv_heads, max_keep]`` int64 kept token indices of ``layer``, ascending per row.
 
-    Job ``j`` keeps ``keep[j]`` tokens per head: its protected tokens first (the most
-    recent if there are more than ``keep[j]``), then its best-scored ones; columns past
-    ``keep[j]`` hold ``max_prompt_len`` (never read: compaction stops at ``keep[j]``).
+    Job ``j`` keeps ``k[j]`` tokens per head (``jobs.keep_of_layer(layer)``): its protected
+    tokens first (the most recent if there are more than ``k[j]``), then its best-scored
+    ones; columns past ``k[j]`` hold ``max_prompt_len`` (never read: compaction stops at
+    ``k[j]``).
     """
     positions = torch.arange(jobs.max_prompt_len, device=scores.device)
     ranked = scores.double().masked_fill(jobs.protected[:, None, :], 0.0)
     ranked = ranked + jobs.protected[:, None, :] * (PROTECTED + positions.double())
     top = ranked.topk(jobs.max_keep, dim=-1).indices
-    unused = torch.arange(jobs.max_keep, device=scores.device) >= jobs.keep[:, None, None]
+    # topk ranks best first: the first k[j] columns are job j's top k[j]
+    unused = torch.arange(jobs.max_keep, device=scores.device) >= jobs.keep_of_layer(layer)[:, None, None]
     return top.masked_fill(unused, jobs.max_prompt_len).sort(dim=-1).values

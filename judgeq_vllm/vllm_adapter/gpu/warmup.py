@@ -53,7 +53,7 @@ def _warm_up_scoring(runner, policy, kv_cache, prompt_len: int, num_soft: int, n
     num_q_heads = runner.model_config.get_num_attention_heads(runner.parallel_config)
     head_dim = kv_cache.shape[-1] // 2
     query = torch.randn(rows_per_job * num_jobs, num_q_heads, head_dim, dtype=kv_cache.dtype, device=device)
-    select_kept(score_layer(policy, jobs, query, kv_cache, head_dim**-0.5), jobs)
+    select_kept(score_layer(policy, jobs, query, kv_cache, head_dim**-0.5), jobs, 0)
     # kept rows already at their destinations: compiled, nothing moved
     first = plan.first_kept_slot
     in_place = torch.arange(first, first + keep, device=device).expand(1, num_jobs, kv_cache.shape[1], keep)
