@@ -6,6 +6,11 @@ CUDA-graph support and the FA3 ahead-of-time schedule stay vLLM's. The physical 
 compacted requests (lengths, block rows, slots) is already in the metadata the builders
 read (``offsets.py``). A layer's ``forward`` runs Python only outside FULL CUDA graphs,
 which compaction steps never replay (the runner's dispatch guard).
+
+Per-layer budgets (PyramidKV): the runner turns each layer's implementation into its
+``PerLayer*`` subclass (``PER_LAYER_IMPLS``), which reads the layer's own attention
+lengths and KV slots on the steps that need them (``layer_views.py``). Engines whose
+policy has uniform budgets keep the classes above, unchanged.
 """
 
 from __future__ import annotations
@@ -62,3 +67,53 @@ class EvictionTritonAttentionBackend(TritonAttentionBackend):
     @staticmethod
     def get_impl_cls() -> type[TritonAttentionImpl]:
         return EvictionTritonAttentionImpl
+
+
+class PerLayerViewsImplMixin:
+    """Reads this layer's attention lengths (``forward``) and KV slots (the KV write) from
+    the runner's :class:`~.layer_views.LayerViews` on steps where they differ by layer.
+
+    Attributes (set by the runner when it swaps the class in):
+        layer_views: the runner's per-layer buffers.
+        layer_index: this layer's index in them.
+    """
+
+    def forward(
+        self,
+        layer,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        kv_cache: torch.Tensor,
+        attn_metadata,
+        output: torch.Tensor,
+        output_scale: torch.Tensor | None = None,
+        output_block_scale: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if self.layer_views.active and attn_metadata is not None:
+            attn_metadata = self.layer_views.layer_metadata(self.layer_index, attn_metadata)
+        return super().forward(
+            layer, query, key, value, kv_cache, attn_metadata, output, output_scale, output_block_scale
+        )
+
+    def do_kv_cache_update(self, layer, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
+                           slot_mapping: torch.Tensor) -> None:
+        if self.layer_views.active:
+            slot_mapping = self.layer_views.layer_slot_mapping(self.layer_index, slot_mapping.shape[0])
+        super().do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)
+
+
+class PerLayerFlashAttentionImpl(PerLayerViewsImplMixin, EvictionFlashAttentionImpl):
+    pass
+
+
+class PerLayerTritonAttentionImpl(PerLayerViewsImplMixin, EvictionTritonAttentionImpl):
+    pass
+
+
+# FLASHINFER plans attention on the host from one set of lengths per step: per-layer
+# lengths would need a plan per layer, so it has no per-layer class (refused)
+PER_LAYER_IMPLS: dict[type, type] = {
+    EvictionFlashAttentionImpl: PerLayerFlashAttentionImpl,
+    EvictionTritonAttentionImpl: PerLayerTritonAttentionImpl,
+}

@@ -12,6 +12,11 @@ mapping, attention block table and logits indices in place; on other steps two c
 Per-request state is one ``plan_state`` row per MRV2 request slot, written on the
 compaction step and reset when the slot gets a new request. Its rules are conditioned on
 positions, so no per-step scheduler data is needed beyond the compaction jobs.
+
+Per-layer budgets (PyramidKV) add per-layer attention lengths and slots on the steps
+whose batch reads a cache compacted with per-layer counts (``layer_views.py``); such
+steps, like compaction steps, never replay a FULL CUDA graph. Other policies build none
+of it.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import torch
 import vllm.v1.worker.gpu.model_runner as mrv2
 from vllm.config.compilation import CUDAGraphMode
 from vllm.model_executor.layers.attention import Attention
+from vllm.model_executor.models.utils import extract_layer_index
 from vllm.v1.worker.gpu.buffer_utils import StagedWriteTensor
 from vllm.v1.worker.gpu.cudagraph_utils import BatchExecutionDescriptor
 from vllm.v1.worker.gpu.model_states.default import DefaultModelState
@@ -31,9 +37,10 @@ from ..config import EvictionConfig
 from ..embedding import install_soft_token_embedding
 from ..plan import EvictionPlan
 from ..step import EVICTION_SECONDS_ATTR, KeptIndexRecorder, current_step, set_current_step
-from .attention import EvictionImplMixin
+from .attention import PER_LAYER_IMPLS, EvictionImplMixin
 from .compaction import GPUCompactionStep
-from .offsets import NO_PLAN, PLAN_FIELDS, TOTAL_LEN, apply_eviction_offsets
+from .layer_views import LayerViews
+from .offsets import NO_PLAN, PLAN_FIELDS, TOTAL_LEN, apply_eviction_offsets, plan_state_row
 from .selection import build_jobs
 
 SUPPORTED_BACKENDS = "FLASH_ATTN, TRITON_ATTN and FLASHINFER"
@@ -102,6 +109,12 @@ class EvictionGPUModelRunner(mrv2.GPUModelRunner):
         self.offsets_applied = False
         # the compaction step whose GPU time goes with the next sampled output
         self._timed_step: GPUCompactionStep | None = None
+        # per-layer budgets only: per-layer lengths and slots, and whether this step reads them
+        self.layer_views = (
+            LayerViews(self.num_attention_layers, self.max_num_reqs, self.max_num_tokens, device)
+            if self.eviction_policy.per_layer_budgets else None
+        )
+        self._layer_views_step = False
 
     # ---- set-up -------------------------------------------------------------------
 
@@ -114,6 +127,8 @@ class EvictionGPUModelRunner(mrv2.GPUModelRunner):
             mrv2.init_model_state = original
         install_soft_token_embedding(self.model, self.eviction_policy, self.vocab_size, self.model_config.dtype, self.device)
         self._check_attention_backends()
+        if self.layer_views is not None:
+            self._install_per_layer_impls()
 
     def _check_attention_backends(self) -> None:
         for name, layer in self.compilation_config.static_forward_context.items():
@@ -122,6 +137,22 @@ class EvictionGPUModelRunner(mrv2.GPUModelRunner):
                     f"--kv-eviction supports the {SUPPORTED_BACKENDS} attention backends; layer {name} uses "
                     f"{layer.attn_backend.get_name()}; pass --attention-backend FLASH_ATTN"
                 )
+
+    def _install_per_layer_impls(self) -> None:
+        # a __class__ swap (state-free subclass): uniform policies keep vLLM's call path
+        for name, layer in self.compilation_config.static_forward_context.items():
+            if not isinstance(layer, Attention):
+                continue
+            per_layer_cls = PER_LAYER_IMPLS.get(type(layer.impl))
+            if per_layer_cls is None:
+                raise ValueError(
+                    f"--kv-eviction {self.eviction_policy.name} has per-layer budgets, which need the FLASH_ATTN or "
+                    f"TRITON_ATTN attention backend; layer {name} uses {layer.attn_backend.get_name()}; "
+                    f"pass --attention-backend FLASH_ATTN"
+                )
+            layer.impl.__class__ = per_layer_cls
+            layer.impl.layer_views = self.layer_views
+            layer.impl.layer_index = extract_layer_index(name)
 
     def initialize_kv_cache(self, *args, **kwargs) -> None:
         super().initialize_kv_cache(*args, **kwargs)
@@ -135,14 +166,14 @@ class EvictionGPUModelRunner(mrv2.GPUModelRunner):
             self._guard_full_graphs_on_compaction_steps()
 
     def _guard_full_graphs_on_compaction_steps(self) -> None:
-        # a FULL graph runs no Python attention, so no scoring: a compaction step falls
-        # back to its PIECEWISE graph, or eager
+        # a FULL graph runs no Python attention, so no scoring and no per-layer lengths or
+        # slots: such a step falls back to its PIECEWISE graph, or eager
         manager = self.cudagraph_manager
         dispatch = manager.dispatch
 
         def dispatch_without_full_compaction(num_reqs, num_tokens, uniform_token_count, num_active_loras=0):
             desc = dispatch(num_reqs, num_tokens, uniform_token_count, num_active_loras=num_active_loras)
-            if not self._step_jobs or desc.cg_mode != CUDAGraphMode.FULL:
+            if not (self._step_jobs or self._layer_views_step) or desc.cg_mode != CUDAGraphMode.FULL:
                 return desc
             desc = dispatch(num_reqs, num_tokens, None, num_active_loras=num_active_loras)
             if desc.cg_mode == CUDAGraphMode.FULL:
@@ -165,6 +196,8 @@ class EvictionGPUModelRunner(mrv2.GPUModelRunner):
             slot = self.req_states.req_id_to_index[new_request.req_id]
             self._plan_rows[slot] = [NO_PLAN] + [0] * (PLAN_FIELDS - 1)
             self.plan_total_len[slot] = NO_PLAN
+            if self.layer_views is not None:
+                self.layer_views.reset_slot(slot)
 
     def update_requests(self, scheduler_output) -> None:
         super().update_requests(scheduler_output)
@@ -172,15 +205,21 @@ class EvictionGPUModelRunner(mrv2.GPUModelRunner):
         self._step_jobs = getattr(scheduler_output, "judgeq_jobs", None) or {}
         for req_id, plan in self._step_jobs.items():
             slot = self.req_states.req_id_to_index[req_id]
-            self._plan_rows[slot] = [
-                plan.total_len, plan.num_soft, plan.slot_shift, plan.total_len - plan.keep, plan.freed_blocks
-            ]
+            self._plan_rows[slot] = plan_state_row(plan)
             self.plan_total_len[slot] = plan.total_len
+            if self.layer_views is not None:
+                self.layer_views.set_plan(slot, plan)
         if self._plan_rows:
             for slot, row in self._plan_rows.items():
                 self.plan_state.stage_write(slot, 0, row)
             self.plan_state.apply_write()
             self._plan_rows.clear()
+        if self.layer_views is not None:
+            self.layer_views.apply_writes()
+            # before dispatch (execute_model calls it after this method)
+            self._layer_views_step = self.layer_views.batch_needs_views(
+                scheduler_output.num_scheduled_tokens, self.req_states.req_id_to_index
+            )
 
     def prepare_attn(self, input_batch):
         block_tables, slot_mappings = super().prepare_attn(input_batch)
@@ -208,6 +247,11 @@ class EvictionGPUModelRunner(mrv2.GPUModelRunner):
                 block_size=self.kernel_block_size,
             )
             self.offsets_applied = True
+        if self._layer_views_step:
+            self.layer_views.compute(
+                input_batch, self.plan_state.gpu, self.block_tables.block_tables[0].gpu, slot_mappings[0],
+                self.kernel_block_size,
+            )
         return block_tables, slot_mappings
 
     def _compaction_step(self, input_batch) -> GPUCompactionStep:
@@ -238,6 +282,9 @@ class EvictionGPUModelRunner(mrv2.GPUModelRunner):
             set_current_step(None)
             self._step_jobs = {}
             self.offsets_applied = False
+            if self.layer_views is not None:
+                self._layer_views_step = False
+                self.layer_views.finish_step()
 
     def sample_tokens(self, grammar_output):
         output = super().sample_tokens(grammar_output)

@@ -15,7 +15,7 @@ import torch
 from ...kernels import compact_paged
 from ...policies import ObservationSource
 from ..plan import EvictionPlan
-from .offsets import NO_PLAN, PLAN_FIELDS, apply_eviction_offsets
+from .offsets import NO_PLAN, PLAN_FIELDS, apply_eviction_offsets, apply_layer_eviction_offsets
 from .selection import build_jobs, score_layer, select_kept
 
 # keys in one step's jobs above which scoring uses 128-key tiles (ScoreConfig.resolved)
@@ -36,6 +36,8 @@ def warm_up_kernels(runner) -> None:
         for prompt_len, num_jobs in ((min(256, longest), 1), (long_len, _WIDE_TILE_KEYS // long_len + 1)):
             _warm_up_scoring(runner, policy, kv_cache, prompt_len, num_soft, num_jobs, table_width)
     _warm_up_offsets(runner)
+    if runner.layer_views is not None:
+        _warm_up_layer_offsets(runner)
     torch.accelerator.synchronize()
 
 
@@ -77,6 +79,32 @@ def _warm_up_offsets(runner) -> None:
         logits_indices=torch.zeros(1, dtype=torch.int64, device=device),
         attn_seq_lens=torch.zeros(1, dtype=torch.int32, device=device),
         rope_positions=torch.zeros(1, dtype=torch.int64, device=device),
+        num_reqs=1,
+        num_reqs_padded=1,
+        num_tokens=1,
+        num_tokens_padded=1,
+        block_size=runner.kernel_block_size,
+    )
+
+
+def _warm_up_layer_offsets(runner) -> None:
+    # the runner's own per-layer buffers (their strides are the run-time ones); a slot
+    # without a plan only copies vLLM's values, rewritten by every step that reads them
+    device = runner.device
+    views = runner.layer_views
+    plan_state = torch.zeros(1, PLAN_FIELDS, dtype=torch.int32, device=device)
+    plan_state[0, 0] = NO_PLAN
+    apply_layer_eviction_offsets(
+        idx_mapping=torch.zeros(1, dtype=torch.int32, device=device),
+        query_start_loc=torch.tensor([0, 1], dtype=torch.int32, device=device),
+        seq_lens=torch.ones(1, dtype=torch.int32, device=device),
+        positions=torch.zeros(1, dtype=torch.int64, device=device),
+        plan_state=plan_state,
+        keep_deficits=views.keep_deficits.gpu,
+        block_table=torch.zeros(1, 4, dtype=torch.int32, device=device),
+        slot_mapping=torch.zeros(1, dtype=torch.int64, device=device),
+        layer_attn_seq_lens=views.seq_lens,
+        layer_slot_mappings=views.slot_mappings,
         num_reqs=1,
         num_reqs_padded=1,
         num_tokens=1,
