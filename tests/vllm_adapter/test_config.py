@@ -173,3 +173,41 @@ def test_other_platforms_and_foreign_workers_are_refused(monkeypatch):
     monkeypatch.setattr(vllm.platforms, "current_platform", _Platform("xpu"))
     with pytest.raises(ValueError, match="CPU and CUDA platforms, not xpu"):
         _select_classes(config)
+
+
+def gpu_engine_features(backend):
+    """A CUDA engine config with every feature off, as ``_check_engine_features`` reads it."""
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    return SimpleNamespace(
+        attention_config=SimpleNamespace(backend=None if backend is None else AttentionBackendEnum[backend]),
+        speculative_config=None,
+        kv_transfer_config=None,
+        parallel_config=SimpleNamespace(
+            pipeline_parallel_size=1, tensor_parallel_size=1, decode_context_parallel_size=1, data_parallel_size=1
+        ),
+        model_config=SimpleNamespace(enable_prompt_embeds=False, enforce_eager=False),
+        cache_config=SimpleNamespace(kv_sharing_fast_prefill=False, cache_dtype="auto"),
+        use_v2_model_runner=True,
+    )
+
+
+@pytest.mark.parametrize("backend", [None, "FLASH_ATTN", "TRITON_ATTN"])
+def test_pyramidkv_is_accepted_on_gpu(monkeypatch, backend):
+    import vllm.platforms
+
+    from judgeq_vllm.vllm_adapter.config import _check_engine_features
+
+    monkeypatch.setattr(vllm.platforms, "current_platform", _Platform("cuda"))
+    _check_engine_features(gpu_engine_features(backend), "pyramidkv")
+
+
+def test_pyramidkv_with_flashinfer_is_refused_on_gpu(monkeypatch):
+    import vllm.platforms
+
+    from judgeq_vllm.vllm_adapter.config import _check_engine_features
+
+    monkeypatch.setattr(vllm.platforms, "current_platform", _Platform("cuda"))
+    _check_engine_features(gpu_engine_features("FLASHINFER"), "snapkv")
+    with pytest.raises(ValueError, match="pyramidkv's per-layer budgets with the FLASHINFER attention backend"):
+        _check_engine_features(gpu_engine_features("FLASHINFER"), "pyramidkv")
