@@ -145,3 +145,28 @@ def test_inactive_views_change_nothing(views):
     impl.forward(None, None, None, None, None, metadata, None)
     impl.do_kv_cache_update(None, None, None, None, slots)
     assert impl.seen_metadata is metadata and impl.seen_slots is slots
+
+
+@pytest.mark.parametrize(
+    "mode, splitting_ops, refused",
+    [
+        ("FULL_AND_PIECEWISE", ["vllm::unified_attention_with_output", "vllm::unified_kv_cache_update"], False),
+        ("FULL_AND_PIECEWISE", ["vllm::unified_attention_with_output"], True),  # KV write inside the pieces
+        ("FULL_DECODE_ONLY", [], False),  # per-layer steps run eager
+        ("NONE", [], False),
+    ],
+)
+def test_per_layer_steps_need_the_kv_write_between_graph_pieces(mode, splitting_ops, refused):
+    from vllm.config.compilation import CUDAGraphMode
+
+    from judgeq_vllm.vllm_adapter.gpu.model_runner import EvictionGPUModelRunner
+
+    runner = SimpleNamespace(
+        compilation_config=SimpleNamespace(cudagraph_mode=CUDAGraphMode[mode], splitting_ops=splitting_ops),
+        eviction_policy=make_policy("pyramidkv"),
+    )
+    if refused:
+        with pytest.raises(ValueError, match="missing: vllm::unified_kv_cache_update"):
+            EvictionGPUModelRunner._check_per_layer_graph_pieces(runner)
+    else:
+        EvictionGPUModelRunner._check_per_layer_graph_pieces(runner)

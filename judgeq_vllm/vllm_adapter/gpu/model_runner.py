@@ -26,6 +26,7 @@ import functools
 import numpy as np
 import torch
 import vllm.v1.worker.gpu.model_runner as mrv2
+from vllm.compilation.breakable_cudagraph import is_breakable_cudagraph_enabled
 from vllm.config.compilation import CUDAGraphMode
 from vllm.model_executor.layers.attention import Attention
 from vllm.model_executor.models.utils import extract_layer_index
@@ -44,6 +45,9 @@ from .offsets import NO_PLAN, PLAN_FIELDS, TOTAL_LEN, apply_eviction_offsets, pl
 from .selection import build_jobs
 
 SUPPORTED_BACKENDS = "FLASH_ATTN, TRITON_ATTN and FLASHINFER"
+# the ops that must run as Python between PIECEWISE graph pieces for per-layer lengths and
+# slots to be read at run time (vLLM's default splitting ops)
+PER_LAYER_SPLITTING_OPS = ("vllm::unified_attention_with_output", "vllm::unified_kv_cache_update")
 
 
 class EvictionModelState(DefaultModelState):
@@ -139,6 +143,7 @@ class EvictionGPUModelRunner(mrv2.GPUModelRunner):
                 )
 
     def _install_per_layer_impls(self) -> None:
+        self._check_per_layer_graph_pieces()
         # a __class__ swap (state-free subclass): uniform policies keep vLLM's call path
         for name, layer in self.compilation_config.static_forward_context.items():
             if not isinstance(layer, Attention):
@@ -153,6 +158,21 @@ class EvictionGPUModelRunner(mrv2.GPUModelRunner):
             layer.impl.__class__ = per_layer_cls
             layer.impl.layer_views = self.layer_views
             layer.impl.layer_index = extract_layer_index(name)
+
+    def _check_per_layer_graph_pieces(self) -> None:
+        # a graph that captured a layer's KV write or attention would replay the shared
+        # slots and lengths: per-layer steps run PIECEWISE, so both must stay outside its pieces
+        config = self.compilation_config
+        if not config.cudagraph_mode.has_piecewise_cudagraphs():
+            return
+        missing = [op for op in PER_LAYER_SPLITTING_OPS if op not in (config.splitting_ops or ())]
+        if missing or is_breakable_cudagraph_enabled():
+            raise ValueError(
+                f"--kv-eviction {self.eviction_policy.name} has per-layer budgets, whose steps run PIECEWISE CUDA "
+                f"graphs with {', '.join(PER_LAYER_SPLITTING_OPS)} between the pieces (vLLM's default splitting ops, "
+                f"without VLLM_USE_BREAKABLE_CUDAGRAPH); missing: {', '.join(missing) or 'none'}. Keep vLLM's "
+                f"default splitting ops, or pass --compilation-config '{{\"cudagraph_mode\": \"FULL_DECODE_ONLY\"}}'"
+            )
 
     def initialize_kv_cache(self, *args, **kwargs) -> None:
         super().initialize_kv_cache(*args, **kwargs)
