@@ -8,7 +8,8 @@ async scheduling, prefix caching; chunked prefill forced by a 512-token step bud
   tokens reported,
   soft ids never returned, blocks freed = the plans' head blocks, pool back to its start,
   eviction time recorded, and none of our kernels compiled while serving (warm-up covers
-  every variant);
+  every variant); pyramidkv (per-layer budgets): the steps that read per-layer lengths
+  and slots ran, and none of them replayed a FULL CUDA graph;
 - aborts mid-prefill and mid-decode leave no block behind.
 
 Needs JUDGEQ_SMOLLM2_DIR (the unpacked model) and JUDGEQ_CORPUS (the training corpus
@@ -31,7 +32,7 @@ PROMPT_LENS = [100, 150, 250, 400, 700, 1100, 2000, 3000]
 MAX_NEW_TOKENS = 16
 BUDGET = 128
 BLOCK_SIZE = 16
-POLICIES = ["judgeq", "snapkv", "h2o", "streamingllm", "knorm"]
+POLICIES = ["judgeq", "snapkv", "h2o", "streamingllm", "knorm", "pyramidkv"]
 ARTIFACT = Path(__file__).resolve().parents[2] / "judgeq_vllm" / "data" / "SmolLM2-135M-Instruct.judgeq.safetensors"
 RESULTS: dict = {}
 
@@ -74,7 +75,10 @@ def make_llm(model_dir, eviction=None, **kwargs):
 
 
 # the Triton kernels of the eviction path (vLLM's own are not this test's business)
-EVICTION_KERNELS = {"score_stats_kernel", "score_kernel", "score_pool_kernel", "compact_kernel", "eviction_offsets_kernel"}
+EVICTION_KERNELS = {
+    "score_stats_kernel", "score_kernel", "score_pool_kernel", "compact_kernel", "eviction_offsets_kernel",
+    "layer_eviction_offsets_kernel",
+}
 
 
 @contextlib.contextmanager
@@ -188,6 +192,22 @@ class SetAgreement:
         }
 
 
+def record_layer_view_dispatch(runner) -> list[str]:
+    """The CUDA-graph modes dispatched for steps that read per-layer lengths and slots."""
+    manager = runner.cudagraph_manager
+    dispatch = manager.dispatch
+    modes = []
+
+    def recording_dispatch(*args, **kwargs):
+        desc = dispatch(*args, **kwargs)
+        if runner._layer_views_step:
+            modes.append(desc.cg_mode.name)
+        return desc
+
+    manager.dispatch = recording_dispatch
+    return modes
+
+
 def test_budget_above_every_prompt_changes_nothing(model_dir, prompts, vanilla_tokens):
     llm = make_llm(model_dir, eviction("judgeq", 4096))
     runner_cls = type(engine_core(llm).model_executor.driver_worker.worker.model_runner).__name__
@@ -214,6 +234,7 @@ def test_policy_matches_the_reference(name, model_dir, prompts, hf_reference):
     llm = make_llm(model_dir, eviction(name, BUDGET))
     runner = engine_core(llm).model_executor.driver_worker.worker.model_runner
     recorder = runner.kept_index_recorder = KeptIndexRecorder()
+    layer_view_modes = record_layer_view_dispatch(runner) if runner.layer_views is not None else None
     free_at_start = free_blocks(llm)
     with eviction_kernel_compiles() as compiled_while_serving:
         outputs = greedy(llm, prompts)
@@ -255,6 +276,8 @@ def test_policy_matches_the_reference(name, model_dir, prompts, hf_reference):
         "eviction_seconds_histogram": stats["eviction_seconds_histogram"],
         "eviction_kernels_compiled_while_serving": compiled_while_serving,
     }
+    if layer_view_modes is not None:
+        RESULTS[name]["per_layer_step_modes"] = {mode: layer_view_modes.count(mode) for mode in set(layer_view_modes)}
     print(json.dumps({name: RESULTS[name]}))
     assert free_at_end == free_at_start
     assert stats["blocks_freed"] == expected_freed
@@ -264,6 +287,9 @@ def test_policy_matches_the_reference(name, model_dir, prompts, hf_reference):
     assert compiled_while_serving == []
     floor = bf16_vs_fp32.as_dict()["mean_overlap"]
     assert engine_vs_fp32.as_dict()["mean_overlap"] >= floor - 0.01
+    if name == "pyramidkv":
+        # decoding after a per-layer compaction reads per-layer buffers: never inside a FULL graph
+        assert layer_view_modes and "FULL" not in layer_view_modes
 
 
 def test_aborts_leave_no_block_behind(model_dir, prompts):
