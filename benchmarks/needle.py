@@ -86,10 +86,10 @@ CONFIGS: dict[str, NeedleConfig] = {
         budgets=("128",), protocols=PROTOCOLS, max_new_tokens=12,
         max_num_seqs=8, max_num_batched_tokens=1024, kv_cache_memory_bytes=512 * 2**20,
     ),
-    # GPU host. pyramidkv is refused on GPU until its per-layer budgets are built there.
+    # GPU host
     "smollm2": NeedleConfig(
         model="smollm2", dtype="bfloat16", lengths=(1000, 2000, 3000, 4000, 5000, 6000, 7000, 8000),
-        depths=tuple(range(0, 101, 10)), policies=("judgeq", "snapkv", "streamingllm", "h2o", "knorm"),
+        depths=tuple(range(0, 101, 10)), policies=("judgeq", "snapkv", "streamingllm", "h2o", "knorm", "pyramidkv"),
         budgets=("256", "0.75"), protocols=PROTOCOLS, max_new_tokens=24,
         max_num_seqs=256, max_num_batched_tokens=16384, kv_cache_memory_bytes=None,
     ),

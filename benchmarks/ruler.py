@@ -107,10 +107,10 @@ CONFIGS: dict[str, RulerConfig] = {
         policies=("snapkv",), budgets=("128",), ratios=("0.5",), protocols=PROTOCOLS,
         max_num_seqs=8, max_num_batched_tokens=1024, kv_cache_memory_bytes=512 * 2**20, answer_cap=16,
     ),
-    # GPU host. pyramidkv is refused on GPU until its per-layer budgets are built there.
+    # GPU host
     "smollm2": RulerConfig(
         model="smollm2", dtype="bfloat16", seq_lens=(4096, 8192), tasks=_all_tasks(), num_samples=50,
-        policies=("judgeq", "snapkv", "streamingllm", "h2o", "knorm"), budgets=("128", "256", "512", "1024"),
+        policies=("judgeq", "snapkv", "streamingllm", "h2o", "knorm", "pyramidkv"), budgets=("128", "256", "512", "1024"),
         ratios=("0.25", "0.5", "0.75", "0.875"), protocols=PROTOCOLS,
         max_num_seqs=256, max_num_batched_tokens=16384, kv_cache_memory_bytes=None,
     ),

@@ -59,7 +59,9 @@ from .common import (
 )
 
 MODULE = "benchmarks.throughput"
-# pyramidkv is refused on GPU until its per-layer budgets are built there (vllm_adapter/config.py)
+# pyramidkv's decode after compaction runs PIECEWISE graphs (per-layer lengths and slots,
+# docs/gpu-path-design.md §4.7), not FULL ones: left out of the throughput comparison
+# (--policies adds it)
 GPU_POLICIES = ("judgeq", "snapkv", "streamingllm", "h2o", "knorm")
 
 
