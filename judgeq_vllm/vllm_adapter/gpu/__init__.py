@@ -2,6 +2,6 @@
 attention, CUDA graphs and async scheduling on (docs/gpu-path-design.md).
 
 ``offsets`` and ``selection`` need only torch and Triton (tested on CPU in the Triton
-interpreter); ``compaction``, ``attention``, ``model_runner`` and ``worker`` import
-vLLM's GPU modules.
+interpreter); ``compaction``, ``attention``, ``layer_views``, ``model_runner`` and
+``worker`` import vLLM's GPU modules.
 """
