@@ -170,3 +170,13 @@ def test_per_layer_steps_need_the_kv_write_between_graph_pieces(mode, splitting_
             EvictionGPUModelRunner._check_per_layer_graph_pieces(runner)
     else:
         EvictionGPUModelRunner._check_per_layer_graph_pieces(runner)
+
+
+def test_every_layer_row_starts_16_byte_aligned(monkeypatch):
+    """Odd buffer sizes too: Triton kernels reading a layer's row are specialised on alignment."""
+    if DEVICE.type == "cpu":
+        monkeypatch.setattr(layer_views_module, "StagedWriteTensor", PlainStagedWriteTensor)
+    views = LayerViews(NUM_LAYERS, 10, 37, DEVICE)
+    for layer in range(NUM_LAYERS):
+        assert views.seq_lens[layer].data_ptr() % 16 == 0
+        assert views.slot_mappings[layer].data_ptr() % 16 == 0

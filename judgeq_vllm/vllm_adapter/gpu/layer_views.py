@@ -39,8 +39,10 @@ class LayerViews:
         self._deficit_rows: dict[int, list[int]] = {}
         # host mirror: the slot's request was compacted with per-layer counts
         self.nonuniform = np.zeros(max_num_reqs, dtype=bool)
-        self.seq_lens = torch.zeros(num_layers, max_num_reqs, dtype=torch.int32, device=device)
-        self.slot_mappings = torch.zeros(num_layers, max_num_tokens, dtype=torch.int64, device=device)
+        # rows padded to 16 elements: every layer's row starts 16-byte aligned, as vLLM's own
+        # buffers do (Triton specialises kernels on pointer alignment)
+        self.seq_lens = torch.zeros(num_layers, _round_up(max_num_reqs), dtype=torch.int32, device=device)
+        self.slot_mappings = torch.zeros(num_layers, _round_up(max_num_tokens), dtype=torch.int64, device=device)
         # set for the forward pass of a step that needs the views
         self.active = False
         # this step's per-layer rows, sliced once per length (slicing costs µs of CPU)
@@ -114,3 +116,7 @@ class LayerViews:
         if self._slot_rows is None or self._slot_rows[0] != num_tokens:
             self._slot_rows = (num_tokens, self.slot_mappings[:, :num_tokens].unbind(0))
         return self._slot_rows[1][layer]
+
+
+def _round_up(count: int, multiple: int = 16) -> int:
+    return -(-count // multiple) * multiple
