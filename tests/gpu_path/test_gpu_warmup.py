@@ -14,13 +14,18 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 NUM_KV_HEADS, NUM_Q_HEADS, HEAD_DIM, BLOCK_SIZE, NUM_LAYERS = 2, 4, 16, 16, 3
 
 
-def fake_runner(policy, num_blocks: int, table_width: int) -> SimpleNamespace:
+def fake_runner(policy, num_blocks: int, table_width: int, layer_views=None) -> SimpleNamespace:
     cache = torch.randn(num_blocks, NUM_KV_HEADS, BLOCK_SIZE, 2 * HEAD_DIM, device=DEVICE)
     block_table = torch.zeros(4, table_width, dtype=torch.int32, device=DEVICE)
     return SimpleNamespace(
         kv_caches=[cache],
         eviction_policy=policy,
-        block_tables=SimpleNamespace(block_tables=[SimpleNamespace(gpu=block_table)]),
+        block_tables=SimpleNamespace(
+            block_tables=[SimpleNamespace(gpu=block_table)],
+            input_block_tables=[torch.zeros_like(block_table)],
+            slot_mappings=torch.zeros(1, 64, dtype=torch.int64, device=DEVICE),
+        ),
+        layer_views=layer_views,
         num_attention_layers=NUM_LAYERS,
         model_config=SimpleNamespace(get_num_attention_heads=lambda parallel_config: NUM_Q_HEADS),
         parallel_config=None,
@@ -52,3 +57,21 @@ def test_warm_up_scores_both_tile_shapes_and_writes_nothing(name, monkeypatch):
     else:
         # one short job with 64-key tiles, then 128-key tiles: the two shapes the engine uses
         assert [block_n for _, block_n in launches] == [64, 128]
+
+
+def test_warm_up_runs_the_per_layer_offsets_on_the_runners_buffers(monkeypatch):
+    """pyramidkv: the per-layer kernel is compiled on the runner's own per-layer buffers
+    (their strides are the ones serving uses); a row without a plan copies vLLM's values."""
+    views = SimpleNamespace(
+        keep_deficits=SimpleNamespace(gpu=torch.zeros(4, NUM_LAYERS, dtype=torch.int32, device=DEVICE)),
+        seq_lens=torch.full((NUM_LAYERS, 16), -1, dtype=torch.int32, device=DEVICE),
+        slot_mappings=torch.full((NUM_LAYERS, 64), -1, dtype=torch.int64, device=DEVICE),
+    )
+    runner = fake_runner(make_policy("pyramidkv"), num_blocks=40, table_width=32, layer_views=views)
+    before = runner.kv_caches[0].clone()
+    monkeypatch.setattr(torch.accelerator, "synchronize", lambda *args: None)
+    warmup.warm_up_kernels(runner)
+    assert torch.equal(runner.kv_caches[0], before)
+    assert views.seq_lens[:, 0].tolist() == [1] * NUM_LAYERS
+    assert views.slot_mappings[:, 0].tolist() == [0] * NUM_LAYERS
+    assert not runner.block_tables.input_block_tables[0].any()

@@ -62,23 +62,20 @@ def _warm_up_scoring(runner, policy, kv_cache, prompt_len: int, num_soft: int, n
     compact_paged([kv_cache], block_rows, in_place, jobs.keep, dest_start=jobs.dest_start)
 
 
-def _warm_up_offsets(runner) -> None:
+def _no_plan_step(runner) -> dict:
+    """One decode token of a request without a plan: the offsets kernels only copy vLLM's
+    values. The engine's block tables and slot mapping are passed (read, never written for
+    such a row) because Triton specialises on their strides."""
     device = runner.device
     plan_state = torch.zeros(1, PLAN_FIELDS, dtype=torch.int32, device=device)
     plan_state[0, 0] = NO_PLAN
-    zeros32 = torch.zeros(2, dtype=torch.int32, device=device)
-    apply_eviction_offsets(
-        idx_mapping=zeros32[:1],
+    return dict(
+        idx_mapping=torch.zeros(1, dtype=torch.int32, device=device),
         query_start_loc=torch.tensor([0, 1], dtype=torch.int32, device=device),
         seq_lens=torch.ones(1, dtype=torch.int32, device=device),
         positions=torch.zeros(1, dtype=torch.int64, device=device),
         plan_state=plan_state,
-        block_table=torch.zeros(1, 4, dtype=torch.int32, device=device),
-        input_block_table=torch.zeros(1, 4, dtype=torch.int32, device=device),
-        slot_mapping=torch.zeros(1, dtype=torch.int64, device=device),
-        logits_indices=torch.zeros(1, dtype=torch.int64, device=device),
-        attn_seq_lens=torch.zeros(1, dtype=torch.int32, device=device),
-        rope_positions=torch.zeros(1, dtype=torch.int64, device=device),
+        block_table=runner.block_tables.block_tables[0].gpu,
         num_reqs=1,
         num_reqs_padded=1,
         num_tokens=1,
@@ -87,27 +84,26 @@ def _warm_up_offsets(runner) -> None:
     )
 
 
-def _warm_up_layer_offsets(runner) -> None:
-    # the runner's own per-layer buffers (their strides are the run-time ones); a slot
-    # without a plan only copies vLLM's values, rewritten by every step that reads them
+def _warm_up_offsets(runner) -> None:
     device = runner.device
-    views = runner.layer_views
-    plan_state = torch.zeros(1, PLAN_FIELDS, dtype=torch.int32, device=device)
-    plan_state[0, 0] = NO_PLAN
-    apply_layer_eviction_offsets(
-        idx_mapping=torch.zeros(1, dtype=torch.int32, device=device),
-        query_start_loc=torch.tensor([0, 1], dtype=torch.int32, device=device),
-        seq_lens=torch.ones(1, dtype=torch.int32, device=device),
-        positions=torch.zeros(1, dtype=torch.int64, device=device),
-        plan_state=plan_state,
-        keep_deficits=views.keep_deficits.gpu,
-        block_table=torch.zeros(1, 4, dtype=torch.int32, device=device),
+    apply_eviction_offsets(
+        **_no_plan_step(runner),
+        input_block_table=runner.block_tables.input_block_tables[0],
         slot_mapping=torch.zeros(1, dtype=torch.int64, device=device),
+        logits_indices=torch.zeros(1, dtype=torch.int64, device=device),
+        attn_seq_lens=torch.zeros(1, dtype=torch.int32, device=device),
+        rope_positions=torch.zeros(1, dtype=torch.int64, device=device),
+    )
+
+
+def _warm_up_layer_offsets(runner) -> None:
+    # the runner's own per-layer buffers: their strides are the run-time ones; what the
+    # kernel writes into them is rewritten by every step that reads them
+    views = runner.layer_views
+    apply_layer_eviction_offsets(
+        **_no_plan_step(runner),
+        keep_deficits=views.keep_deficits.gpu,
+        slot_mapping=runner.block_tables.slot_mappings[0],
         layer_attn_seq_lens=views.seq_lens,
         layer_slot_mappings=views.slot_mappings,
-        num_reqs=1,
-        num_reqs_padded=1,
-        num_tokens=1,
-        num_tokens_padded=1,
-        block_size=runner.kernel_block_size,
     )
