@@ -6,6 +6,12 @@
 set -e
 [ -d ~/.wheelhouse/site/vllm ] || python3 ~/.wheelhouse/vllm/wheelhouse.py install
 [ -f ~/smol/config.json ] || [ ! -d ~/.wheelhouse/smollm2 ] || python3 ~/.wheelhouse/smollm2/wheelhouse.py unpack smollm2 ~/smol
+# `vllm serve` imports three pure-Python packages the slim wheelhouse lacks (bundle "serve",
+# see benchmarks/README.md): unpacked straight into the site folder
+if [ -d ~/.wheelhouse/serve ] && [ ! -d ~/.wheelhouse/site/model_hosting_container_standards ]; then
+    python3 ~/.wheelhouse/serve/wheelhouse.py unpack serve /tmp/serve-wheels
+    for wheel in /tmp/serve-wheels/*.whl; do python3 -m zipfile -e "$wheel" ~/.wheelhouse/site; done
+fi
 site=/tmp/judgeq-site
 rm -rf "$site" && mkdir -p "$site/judgeq_vllm-0.1.0.dist-info"
 cp -r judgeq_vllm "$site/" && cp -r kernels "$site/judgeq_vllm/kernels"
