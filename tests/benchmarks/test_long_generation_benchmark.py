@@ -3,14 +3,17 @@
 import pytest
 
 
-def test_agreement_counts_the_exact_prefix_and_equal_positions():
-    from benchmarks.long_generation import agreement
+def test_scores_count_the_exact_prefix_equal_positions_and_tokens_reproduced_in_order():
+    from benchmarks.long_generation import compare_to_reference
 
-    assert agreement([1, 2, 3, 4], [1, 2, 3, 4]) == {"prefix_tokens": 4, "agreement": 100.0}
-    assert agreement([1, 2, 9, 4], [1, 2, 3, 4]) == {"prefix_tokens": 2, "agreement": 75.0}
-    assert agreement([9, 2, 3, 4], [1, 2, 3, 4]) == {"prefix_tokens": 0, "agreement": 75.0}
+    assert compare_to_reference([1, 2, 3, 4], [1, 2, 3, 4]) == {"prefix_tokens": 4, "agreement": 100.0, "matched": 100.0}
+    assert compare_to_reference([1, 2, 9, 4], [1, 2, 3, 4]) == {"prefix_tokens": 2, "agreement": 75.0, "matched": 75.0}
+    # a copy that skips one token: every later position differs, but the tokens are all there in order
+    assert compare_to_reference([1, 3, 4, 5, 6, 7, 8, 9], [1, 2, 3, 4, 5, 6, 7, 8]) == {
+        "prefix_tokens": 1, "agreement": 12.5, "matched": 87.5,
+    }
     with pytest.raises(ValueError, match="equal lengths"):
-        agreement([1, 2], [1, 2, 3])
+        compare_to_reference([1, 2], [1, 2, 3])
 
 
 def test_copy_prompt_is_the_passage_then_the_instruction_then_its_cue(tokenizer):
@@ -46,8 +49,9 @@ def test_smoke_result_scores_every_setting_on_both_tasks(long_generation_smoke):
     for result in results.values():
         for task in ("copy", "continuation"):
             summary = result["tasks"][task]
-            assert all(0 <= s["agreement"] <= 100 for s in summary["samples"])
-            assert summary["agreement"] == round(sum(s["agreement"] for s in summary["samples"]) / len(summary["samples"]), 2)
+            for score in ("agreement", "matched"):
+                assert all(0 <= s[score] <= 100 for s in summary["samples"])
+                assert summary[score] == round(sum(s[score] for s in summary["samples"]) / len(summary["samples"]), 2)
             assert len(summary["outputs"]) == len(summary["samples"])
     # full KV is the continuation's reference; G-KV compacts during decoding (interval 32, 96 tokens)
     assert results["vanilla"]["tasks"]["continuation"]["agreement"] == 100.0
