@@ -21,8 +21,9 @@ the reference; ``agreement``, the share of positions whose token equals the refe
 (difflib's matching blocks: a copy that slips by a word loses that word, not everything
 after it, as it does under ``agreement``). Percentages.
 
-Settings: full KV (vanilla vLLM), then one engine per policy and budget, started with that budget and ``--kv-decode-interval`` (G-KV serves a request with
-its own ``kv_budget`` without G-KV, so budgets are not set per request here).
+Settings: full KV (vanilla vLLM), then one engine per policy and budget, started with
+that budget and ``--kv-decode-interval`` (G-KV serves a request with its own
+``kv_budget`` without G-KV, so budgets are not set per request here).
 
 Writes ``benchmarks/results/long-generation/<config>-<device>-<date>.json``, a markdown
 table (``.md``) and a PNG next to it.
