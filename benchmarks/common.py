@@ -87,6 +87,8 @@ class Setting:
 
     policy: str | None = None
     budget: KVBudget | None = None
+    # G-KV's --kv-decode-interval (``None``: the plugin's default)
+    decode_interval: int | None = None
 
     @property
     def label(self) -> str:
@@ -98,13 +100,17 @@ class Setting:
 
         if self.policy is None:
             return {}
-        return llm_kwargs(self.policy, budget_value(self.budget), soft_tokens=self._artifact(soft_tokens))
+        return llm_kwargs(
+            self.policy, budget_value(self.budget), soft_tokens=self._artifact(soft_tokens), decode_interval=self.decode_interval
+        )
 
     def server_flags(self, soft_tokens: Path | None) -> list[str]:
         """The same as ``vllm serve`` flags (the plugin's)."""
         if self.policy is None:
             return []
         flags = ["--kv-eviction", self.policy, "--kv-budget", str(budget_value(self.budget))]
+        if self.decode_interval is not None:
+            flags += ["--kv-decode-interval", str(self.decode_interval)]
         artifact = self._artifact(soft_tokens)
         return flags + (["--judgeq-soft-tokens", artifact] if artifact else [])
 
@@ -126,7 +132,10 @@ class Setting:
         return args
 
     def _artifact(self, soft_tokens: Path | None) -> str | None:
-        if self.policy != "judgeq":
+        from judgeq_vllm.vllm_adapter.config import DECODE_POLICIES
+
+        # judgeq+gkv prefills with Judge Q
+        if DECODE_POLICIES.get(self.policy, self.policy) != "judgeq":
             return None
         if soft_tokens is None:
             raise ValueError("judgeq needs a soft-token artifact trained for the model: pass --soft-tokens PATH")
@@ -179,13 +188,16 @@ def split_list(text: str) -> list[str]:
 
 
 def check_policies(names: Iterable[str]) -> list[str]:
-    """The names, each checked against the registry (the error lists the valid ones)."""
-    from judgeq_vllm.policies import POLICIES, make_policy
+    """The names, each checked against the registry (the error lists the valid ones):
+    the prefill policies and the decode-time ones (``gkv``, ``judgeq+gkv``)."""
+    from judgeq_vllm.policies import POLICIES
+    from judgeq_vllm.vllm_adapter.config import DECODE_POLICIES
 
     names = list(names)
-    for name in names:
-        if name not in POLICIES:
-            make_policy(name)
+    unknown = [name for name in names if name not in POLICIES and name not in DECODE_POLICIES]
+    if unknown:
+        choices = ", ".join(sorted([*POLICIES, *DECODE_POLICIES]))
+        raise ValueError(f"unknown eviction policy {', '.join(unknown)}; choose from: {choices}")
     return names
 
 
@@ -228,7 +240,10 @@ def model_max_len(model_dir: Path) -> int:
 
 # --- eviction counters of a running engine -----------------------------------------
 
-EVICTION_COUNTERS = ("requests_evicted", "prompt_tokens", "tokens_evicted", "soft_tokens_appended", "blocks_freed")
+EVICTION_COUNTERS = (
+    "requests_evicted", "prompt_tokens", "tokens_evicted", "soft_tokens_appended", "blocks_freed",
+    "decode_compactions", "decode_rows_evicted",
+)
 
 
 def engine_eviction_stats(llm_engine) -> dict[str, Any]:

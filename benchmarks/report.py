@@ -3,7 +3,7 @@
     python -m benchmarks.report            # rewrite the section between the markers in README.md
     python -m benchmarks.report --check    # exit 1 if README.md is not what the results give
 
-For each kind (throughput, RULER, needle), configuration and tag (``--tag`` of the run),
+For each kind (throughput, RULER, needle, long generation), configuration and tag (``--tag`` of the run),
 the newest result file under
 ``benchmarks/results/<kind>/`` is summarised: which model (and where its weights come
 from), which device, vLLM version, commit and date, the headline table, and links to the
@@ -23,8 +23,11 @@ from .common import VANILLA
 
 BEGIN = "<!-- benchmark-results:begin -->"
 END = "<!-- benchmark-results:end -->"
-KINDS = ("throughput", "ruler", "needle")
-TITLES = {"throughput": "Throughput under a KV-memory budget", "ruler": "RULER", "needle": "Needle in a haystack"}
+KINDS = ("throughput", "ruler", "needle", "long-generation")
+TITLES = {
+    "throughput": "Throughput under a KV-memory budget", "ruler": "RULER", "needle": "Needle in a haystack",
+    "long-generation": "Long generation (decode-time eviction)",
+}
 SMOKE = "smoke"
 
 
@@ -166,7 +169,22 @@ def _needle(report: dict) -> list[str]:
     return lines + [""]
 
 
-RENDERERS = {"throughput": _throughput, "ruler": _ruler, "needle": _needle}
+def _long_generation(report: dict) -> list[str]:
+    from .long_generation import summary_table
+
+    copy, continuation = report["tasks"]["copy"], report["tasks"]["continuation"]
+    return [
+        f"Greedy, every request to its full length. copy: {copy['passages']} essay passages of {copy['passage_tokens']} "
+        f"tokens, scored against the passage; continuation: {len(continuation['prompts'])} essays of "
+        f"{continuation['new_tokens']} tokens, scored against full KV's output. matched: reference tokens reproduced in "
+        "order; agreement: equal positions; exact prefix in tokens. G-KV interval "
+        f"{report['decode_interval']}; streamingllm evicts only at the prefill (its cache then grows), gkv and "
+        "judgeq+gkv hold at most budget + interval rows.", "",
+        summary_table(report), "",
+    ]
+
+
+RENDERERS = {"throughput": _throughput, "ruler": _ruler, "needle": _needle, "long-generation": _long_generation}
 
 
 if __name__ == "__main__":

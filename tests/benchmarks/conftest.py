@@ -58,3 +58,11 @@ def needle_smoke(needle_data, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("needle")
     return _run(needle, ["--config", "smoke", "--data", str(needle_data), "--out", str(out)])
+
+
+@pytest.fixture(scope="session")
+def long_generation_smoke(smollm2_dir, tmp_path_factory):
+    from benchmarks import long_generation
+
+    out = tmp_path_factory.mktemp("long-generation")
+    return _run(long_generation, ["--config", "smoke", "--out", str(out)])

@@ -17,11 +17,15 @@ def test_committed_readme_section_is_generated_from_committed_results(monkeypatc
     assert report.main(["--check"]) == 0, "README.md is stale: run `python -m benchmarks.report`"
 
 
-def test_section_summarises_each_result_with_model_device_and_plots(tmp_path, throughput_smoke, ruler_smoke, needle_smoke):
+def test_section_summarises_each_result_with_model_device_and_plots(
+    tmp_path, throughput_smoke, ruler_smoke, needle_smoke, long_generation_smoke
+):
     from benchmarks import report
 
     results = tmp_path / "benchmarks" / "results"
-    for kind, (path, result) in (("throughput", throughput_smoke), ("ruler", ruler_smoke), ("needle", needle_smoke)):
+    smokes = (("throughput", throughput_smoke), ("ruler", ruler_smoke), ("needle", needle_smoke),
+              ("long-generation", long_generation_smoke))
+    for kind, (path, result) in smokes:
         (results / kind).mkdir(parents=True)
         for name in [path.name, *result["plots"]]:
             shutil.copy(path.parent / name, results / kind / name)
@@ -32,10 +36,12 @@ def test_section_summarises_each_result_with_model_device_and_plots(tmp_path, th
     text = readme.read_text()
     assert text.startswith(HEAD) and text.endswith(TAIL)
     assert "stale" not in text
-    for title in ("### Throughput under a KV-memory budget: `smoke`", "### RULER: `smoke`", "### Needle in a haystack: `smoke`"):
+    for title in ("### Throughput under a KV-memory budget: `smoke`", "### RULER: `smoke`", "### Needle in a haystack: `smoke`",
+                  "### Long generation (decode-time eviction): `smoke`"):
         assert title in text
-    assert text.count("Model: SmolLM2-135M-Instruct (Q4_1 GGUF") == 3 and text.count("Device: cpu") == 3
+    assert text.count("Model: SmolLM2-135M-Instruct (Q4_1 GGUF") == 4 and text.count("Device: cpu") == 4
     assert "| snapkv@64 | 1536 |" in text and "| snapkv | " in text and "| snapkv@128 | " in text
+    assert "| gkv@64 | " in text and "| streamingllm@64 | " in text
     for line in text.splitlines():
         for link in [part.split(")")[0] for part in line.split("](")[1:]]:
             assert (readme.parent / link).is_file(), link

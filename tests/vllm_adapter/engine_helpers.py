@@ -51,3 +51,20 @@ def greedy(llm, prompts, max_tokens=MAX_NEW_TOKENS, **sampling):
         use_tqdm=False,
     )
     return outputs
+
+
+def add(llm, request_id, prompt, max_tokens):
+    """Adds a greedy request (no EOS stop) without stepping; returns its id inside the engine."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    llm.llm_engine.add_request(request_id, TokensPrompt(prompt_token_ids=prompt), params)
+    (engine_id,) = [rid for rid in engine_core(llm).scheduler.requests if rid.rsplit("-", 1)[0] == request_id]
+    return engine_id
+
+
+def block_row(llm, engine_id):
+    """The request's block table (null blocks where compaction freed the head)."""
+    manager = engine_core(llm).scheduler.kv_cache_manager.coordinator.single_type_managers[0]
+    return manager.req_to_blocks.get(engine_id, [])

@@ -7,7 +7,7 @@ Two prompts: 140 tokens (compressed at the prefill, then every 32 steps) and 100
 
 import pytest
 import torch
-from engine_helpers import BLOCK_SIZE, engine_core, free_blocks, greedy, make_llm, model_runner, shutdown
+from engine_helpers import BLOCK_SIZE, add, block_row, engine_core, free_blocks, greedy, make_llm, model_runner, shutdown
 
 from judgeq_vllm.policies import GKVPolicy
 from judgeq_vllm.reference import generate_gkv
@@ -81,21 +81,6 @@ def test_identical_prompt_reuses_only_blocks_no_event_rewrites(llm, engine_promp
         # 140 tokens: S of the prefill event; 100 tokens: S of the event at 132; both 16
         assert second.num_cached_tokens == 16
         assert list(second.outputs[0].token_ids) == list(first.outputs[0].token_ids)
-
-
-def add(llm, request_id, prompt, max_tokens):
-    from vllm import SamplingParams
-    from vllm.inputs import TokensPrompt
-
-    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
-    llm.llm_engine.add_request(request_id, TokensPrompt(prompt_token_ids=prompt), params)
-    (engine_id,) = [rid for rid in engine_core(llm).scheduler.requests if rid.rsplit("-", 1)[0] == request_id]
-    return engine_id
-
-
-def block_row(llm, engine_id):
-    manager = engine_core(llm).scheduler.kv_cache_manager.coordinator.single_type_managers[0]
-    return manager.req_to_blocks.get(engine_id, [])
 
 
 def test_blocks_freed_at_every_event_and_resident_stays_bounded(llm, engine_prompts):
