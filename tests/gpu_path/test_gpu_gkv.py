@@ -99,3 +99,111 @@ def test_batched_selection_matches_the_policy():
         expected = policy.compress(queries[j], keys[j, :, :rows], scale, budget, previous[j] if has_previous[j] else None)
         assert torch.equal(got.kept[j].cpu(), expected.kept), j
         torch.testing.assert_close(got.global_scores[j].cpu(), expected.global_scores)
+
+
+def fake_cache(num_blocks, num_kv_heads, head_dim, gen):
+    """A paged cache in the GPU layout [num_blocks, H, bs, 2 * D] (strides as FA's NHD)."""
+    storage = torch.randn(num_blocks, BLOCK_SIZE, num_kv_heads, 2 * head_dim, generator=gen)
+    return storage.permute(0, 2, 1, 3)
+
+
+def test_event_steps_match_the_policy_and_carry_global_scores():
+    """Two requests through their events: each event's kept rows (scored with the ring's
+    windows and the previous F) equal GKVPolicy.compress on the rows gathered by hand, the
+    K|V rows land at [S_i, S_i + b) and F at the first b - w of them."""
+    from judgeq_vllm.vllm_adapter.gpu.gkv_events import GKVEventStep, GKVScores, build_event_jobs
+    from judgeq_vllm.vllm_adapter.gpu.gkv_window import GKVQueryRing
+    from judgeq_vllm.vllm_adapter.step import GKVEventRecorder
+
+    gen = torch.Generator().manual_seed(1)
+    policy = GKVPolicy(window=WINDOW, interval=INTERVAL)
+    budget, num_layers, num_kv_heads, num_q_heads, head_dim, max_blocks = 20, 2, 2, 4, 8, 8
+    caches = [fake_cache(40, num_kv_heads, head_dim, gen) for _ in range(num_layers)]
+    scores = GKVScores(num_layers, 40 * BLOCK_SIZE, num_kv_heads, "cpu")
+    ring = GKVQueryRing.__new__(GKVQueryRing)  # the ring's buffers without vLLM's staged writes
+    ring.window, ring.interval = WINDOW, INTERVAL
+    ring.queries = torch.randn(num_layers, 4 * WINDOW + 1, num_q_heads, head_dim, generator=gen)
+    ring._layer_queries = ring.queries.unbind(0)
+    schedules = {"a": GKVSchedule(30, 0, budget, WINDOW, INTERVAL, BLOCK_SIZE, num_layers),
+                 "b": GKVSchedule(9, 0, budget, WINDOW, INTERVAL, BLOCK_SIZE, num_layers)}
+    slots = {"a": 1, "b": 3}
+    # the two requests' blocks are disjoint
+    block_rows = torch.randperm(40, generator=gen)[: 2 * max_blocks].view(2, max_blocks).int()
+    previous = {name: None for name in schedules}
+    for event_index in range(3):
+        events = {name: s.first_event + event_index * INTERVAL for name, s in schedules.items()}
+        jobs = {name: step_work(s, events[name] - 1, 1)[0] for name, s in schedules.items()}
+        before = [c.clone() for c in caches]
+        recorder = GKVEventRecorder()
+        event_jobs = build_event_jobs(jobs, [slots[n] for n in jobs], block_rows, torch.device("cpu"))
+        GKVEventStep(event_jobs, policy, recorder).run(caches, ring, scores, head_dim**-0.5, timed=False)
+        for j, (name, job) in enumerate(jobs.items()):
+            assert job.has_previous_scores == (previous[name] is not None)
+            rows = torch.arange(job.source_start, job.source_end)
+            physical = block_rows[j, rows // BLOCK_SIZE].long() * BLOCK_SIZE + rows % BLOCK_SIZE
+            dest = job.target.first_kept_slot + torch.arange(budget)
+            dest_physical = block_rows[j, dest // BLOCK_SIZE].long() * BLOCK_SIZE + dest % BLOCK_SIZE
+            for layer in range(num_layers):
+                flat_before = before[layer].permute(0, 2, 1, 3).reshape(-1, num_kv_heads, 2 * head_dim)
+                flat_after = caches[layer].permute(0, 2, 1, 3).reshape(-1, num_kv_heads, 2 * head_dim)
+                keys = flat_before[physical, :, :head_dim].transpose(0, 1)
+                window = ring.queries[layer, slots[name] * WINDOW : (slots[name] + 1) * WINDOW]
+                prev = previous[name][layer] if previous[name] is not None else None
+                expected = policy.compress(window, keys, head_dim**-0.5, budget, prev)
+                got = recorder.kept[name][job.event][layer]
+                assert torch.equal(got, expected.kept), (name, event_index, layer)
+                for head in range(num_kv_heads):
+                    assert torch.equal(flat_after[dest_physical, head], flat_before[physical[got[head]], head])
+                torch.testing.assert_close(
+                    scores.scores[layer][dest_physical[: budget - WINDOW]].T, expected.global_scores
+                )
+            previous[name] = [
+                scores.scores[layer][dest_physical[: budget - WINDOW]].T.clone() for layer in range(num_layers)
+            ]
+
+
+@pytest.mark.parametrize("prompt_len", [30, 9])
+def test_plan_rows_written_after_each_event_keep_offsets_right(prompt_len):
+    """The runner writes each event's layout into plan_state after the event's forward;
+    with the offsets kernel's position-conditioned rules, every later token goes right
+    after the b kept rows and attention reads exactly the resident rows, event after event."""
+    from judgeq_vllm.vllm_adapter.gpu.offsets import NO_PLAN, apply_eviction_offsets, plan_state_row
+
+    budget = 20
+    schedule = GKVSchedule(prompt_len, 0, budget, WINDOW, INTERVAL, BLOCK_SIZE, num_layers=1)
+    block_table = torch.arange(3, 3 + 16, dtype=torch.int32)[None].repeat(2, 1)
+    row = [NO_PLAN, 0, 0, 0, 0]
+    layout = None  # the layout tokens are in
+    for computed in range(prompt_len, schedule.first_event + 4 * INTERVAL):
+        plan_state = torch.tensor([row, row], dtype=torch.int32)
+        tensors = dict(
+            idx_mapping=torch.tensor([1], dtype=torch.int32),
+            query_start_loc=torch.tensor([0, 1], dtype=torch.int32),
+            seq_lens=torch.tensor([computed + 1], dtype=torch.int32),
+            positions=torch.tensor([computed], dtype=torch.int64),
+            plan_state=plan_state,
+            block_table=block_table,
+            input_block_table=torch.zeros(2, 16, dtype=torch.int32),
+            slot_mapping=torch.tensor([(3 + computed // BLOCK_SIZE) * BLOCK_SIZE + computed % BLOCK_SIZE]),
+            logits_indices=torch.zeros(1, dtype=torch.int64),
+            attn_seq_lens=torch.zeros(2, dtype=torch.int32),
+            rope_positions=torch.zeros(1, dtype=torch.int64),
+        )
+        tensors = {k: v.to(DEVICE) for k, v in tensors.items()}
+        apply_eviction_offsets(**tensors, num_reqs=1, num_reqs_padded=1, num_tokens=1, num_tokens_padded=1,
+                               block_size=BLOCK_SIZE)
+        start = 0 if layout is None else layout.first_kept_slot
+        resident_before = computed - (0 if layout is None else layout.slot_shift) - start
+        logical = start + resident_before  # the token goes right after the resident rows
+        assert int(tensors["slot_mapping"][0]) == (3 + logical // BLOCK_SIZE) * BLOCK_SIZE + logical % BLOCK_SIZE
+        assert int(tensors["attn_seq_lens"][0]) == resident_before + 1
+        assert int(tensors["rope_positions"][0]) == computed
+        if layout is not None:
+            shift = layout.freed_blocks
+            num_blocks = -(-(resident_before + 1) // BLOCK_SIZE)
+            assert torch.equal(tensors["input_block_table"][0, :num_blocks].cpu(), block_table[1, shift : shift + num_blocks])
+        job, _ = step_work(schedule, computed, 1)
+        if job is not None:  # the event's layout, written after its step's forward
+            assert resident_before + 1 > budget
+            layout = job.target
+            row = plan_state_row(layout)
