@@ -58,6 +58,7 @@ class GKVEventJobs:
 
     Attributes:
         req_ids / jobs: the events, in the order of every tensor below.
+        slots_host: their request slots.
         slots: [J] int64 request slots (their query windows in the ring).
         block_rows: [J, max_blocks] int32 block-table rows.
         source_start: [J] int64 first resident logical slot ``S_{i-1}`` (0 if uncompacted).
@@ -70,6 +71,7 @@ class GKVEventJobs:
 
     req_ids: list[str]
     jobs: list[GKVJob]
+    slots_host: list[int]
     slots: torch.Tensor
     block_rows: torch.Tensor
     source_start: torch.Tensor
@@ -103,6 +105,7 @@ def build_event_jobs(
     return GKVEventJobs(
         req_ids=list(jobs),
         jobs=events,
+        slots_host=list(slots),
         slots=to_device(slots, torch.int64),
         block_rows=block_rows,
         source_start=to_device([job.source_start for job in events], torch.int64),
