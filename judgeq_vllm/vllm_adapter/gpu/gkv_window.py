@@ -143,8 +143,9 @@ class GKVQueryRing:
         self.first_events.gpu.fill_(NO_SCHEDULE)
         # host mirror: which slots' requests have a schedule (whether a step needs the rows)
         self.scheduled = np.zeros(max_num_reqs, dtype=bool)
+        self.spare_row = max_num_reqs * window
         # dummy runs and graph capture see only the spare row
-        self.ring_rows = torch.full((max_num_tokens,), max_num_reqs * window, dtype=torch.int64, device=device)
+        self.ring_rows = torch.full((max_num_tokens,), self.spare_row, dtype=torch.int64, device=device)
         self._pending: dict[int, int] = {}
 
     # ---- per request ----------------------------------------------------------------
@@ -179,6 +180,11 @@ class GKVQueryRing:
             interval=self.interval,
             window=self.window,
         )
+
+    def reset_rows(self) -> None:
+        """Points every token at the spare row: a dummy run (no ``prepare_attn``) must not
+        write into the windows the last real step pointed at."""
+        self.ring_rows.fill_(self.spare_row)
 
     def capture(self, layer: int, query: torch.Tensor) -> None:
         """Copies ``layer``'s queries of this step into the ring (recorded into CUDA graphs).

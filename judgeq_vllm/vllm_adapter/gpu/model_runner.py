@@ -380,6 +380,8 @@ class EvictionGPUModelRunner(mrv2.GPUModelRunner):
     @torch.inference_mode()
     def execute_model(self, scheduler_output, intermediate_tensors=None, dummy_run: bool = False,
                       skip_attn_for_dummy_run: bool = False, is_profile: bool = False):
+        if dummy_run and self.gkv_ring is not None:
+            self.gkv_ring.reset_rows()
         try:
             output = super().execute_model(
                 scheduler_output, intermediate_tensors, dummy_run, skip_attn_for_dummy_run, is_profile
