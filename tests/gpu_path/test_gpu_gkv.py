@@ -104,7 +104,7 @@ def test_batched_selection_matches_the_policy():
 def fake_cache(num_blocks, num_kv_heads, head_dim, gen):
     """A paged cache in the GPU layout [num_blocks, H, bs, 2 * D] (strides as FA's NHD)."""
     storage = torch.randn(num_blocks, BLOCK_SIZE, num_kv_heads, 2 * head_dim, generator=gen)
-    return storage.permute(0, 2, 1, 3)
+    return storage.to(DEVICE).permute(0, 2, 1, 3)
 
 
 def test_event_steps_match_the_policy_and_carry_global_scores():
@@ -119,23 +119,24 @@ def test_event_steps_match_the_policy_and_carry_global_scores():
     policy = GKVPolicy(window=WINDOW, interval=INTERVAL)
     budget, num_layers, num_kv_heads, num_q_heads, head_dim, max_blocks = 20, 2, 2, 4, 8, 8
     caches = [fake_cache(40, num_kv_heads, head_dim, gen) for _ in range(num_layers)]
-    scores = GKVScores(num_layers, 40 * BLOCK_SIZE, num_kv_heads, "cpu")
+    scores = GKVScores(num_layers, 40 * BLOCK_SIZE, num_kv_heads, torch.device(DEVICE))
     ring = GKVQueryRing.__new__(GKVQueryRing)  # the ring's buffers without vLLM's staged writes
     ring.window, ring.interval = WINDOW, INTERVAL
-    ring.queries = torch.randn(num_layers, 4 * WINDOW + 1, num_q_heads, head_dim, generator=gen)
+    ring.queries = torch.randn(num_layers, 4 * WINDOW + 1, num_q_heads, head_dim, generator=gen).to(DEVICE)
     ring._layer_queries = ring.queries.unbind(0)
     schedules = {"a": GKVSchedule(30, 0, budget, WINDOW, INTERVAL, BLOCK_SIZE, num_layers),
                  "b": GKVSchedule(9, 0, budget, WINDOW, INTERVAL, BLOCK_SIZE, num_layers)}
     slots = {"a": 1, "b": 3}
     # the two requests' blocks are disjoint
     block_rows = torch.randperm(40, generator=gen)[: 2 * max_blocks].view(2, max_blocks).int()
+    scores_of = scores.scores  # [L, slots, H] on DEVICE
     previous = {name: None for name in schedules}
     for event_index in range(3):
         events = {name: s.first_event + event_index * INTERVAL for name, s in schedules.items()}
         jobs = {name: step_work(s, events[name] - 1, 1)[0] for name, s in schedules.items()}
-        before = [c.clone() for c in caches]
+        before = [c.clone().cpu() for c in caches]
         recorder = GKVEventRecorder()
-        event_jobs = build_event_jobs(jobs, [slots[n] for n in jobs], block_rows, torch.device("cpu"))
+        event_jobs = build_event_jobs(jobs, [slots[n] for n in jobs], block_rows.to(DEVICE), torch.device(DEVICE))
         GKVEventStep(event_jobs, policy, recorder).run(caches, ring, scores, head_dim**-0.5, timed=False)
         for j, (name, job) in enumerate(jobs.items()):
             assert job.has_previous_scores == (previous[name] is not None)
@@ -145,9 +146,9 @@ def test_event_steps_match_the_policy_and_carry_global_scores():
             dest_physical = block_rows[j, dest // BLOCK_SIZE].long() * BLOCK_SIZE + dest % BLOCK_SIZE
             for layer in range(num_layers):
                 flat_before = before[layer].permute(0, 2, 1, 3).reshape(-1, num_kv_heads, 2 * head_dim)
-                flat_after = caches[layer].permute(0, 2, 1, 3).reshape(-1, num_kv_heads, 2 * head_dim)
+                flat_after = caches[layer].cpu().permute(0, 2, 1, 3).reshape(-1, num_kv_heads, 2 * head_dim)
                 keys = flat_before[physical, :, :head_dim].transpose(0, 1)
-                window = ring.queries[layer, slots[name] * WINDOW : (slots[name] + 1) * WINDOW]
+                window = ring.queries[layer, slots[name] * WINDOW : (slots[name] + 1) * WINDOW].cpu()
                 prev = previous[name][layer] if previous[name] is not None else None
                 expected = policy.compress(window, keys, head_dim**-0.5, budget, prev)
                 got = recorder.kept[name][job.event][layer]
@@ -155,10 +156,10 @@ def test_event_steps_match_the_policy_and_carry_global_scores():
                 for head in range(num_kv_heads):
                     assert torch.equal(flat_after[dest_physical, head], flat_before[physical[got[head]], head])
                 torch.testing.assert_close(
-                    scores.scores[layer][dest_physical[: budget - WINDOW]].T, expected.global_scores
+                    scores_of[layer].cpu()[dest_physical[: budget - WINDOW]].T, expected.global_scores
                 )
             previous[name] = [
-                scores.scores[layer][dest_physical[: budget - WINDOW]].T.clone() for layer in range(num_layers)
+                scores_of[layer].cpu()[dest_physical[: budget - WINDOW]].T for layer in range(num_layers)
             ]
 
 
