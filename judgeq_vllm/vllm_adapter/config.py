@@ -265,7 +265,6 @@ def _check_engine_features(vllm_config: Any, policy: str) -> None:
         "pyramidkv's per-layer budgets with the FLASHINFER attention backend (use FLASH_ATTN or TRITON_ATTN)": (
             not on_cpu and policy == "pyramidkv" and backend is not None and backend.name == "FLASHINFER"
         ),
-        "decode-time eviction on GPU (not built yet; docs/engine-design.md §6.6)": not on_cpu and policy in DECODE_POLICIES,
         "Model Runner V1 on GPU (unset VLLM_USE_V2_MODEL_RUNNER=0)": (
             not on_cpu and not getattr(vllm_config, "use_v2_model_runner", True)
         ),

@@ -3,7 +3,9 @@
 On top of :class:`EvictionSchedulerMixin` (which still makes Judge Q's prefill plan for
 ``judgeq+gkv``), every request gets a :class:`GKVSchedule` when it is admitted. Each step
 then carries, per request, the G-KV event that ends with it (``judgeq_gkv_jobs``), the
-query rows of the next event's window it computes (``judgeq_gkv_captures``) and the layout
+query rows of the next event's window it computes (``judgeq_gkv_captures``, read by the
+CPU runner; the GPU runner derives them on device from ``judgeq_gkv_first_events``, the
+first event of each request it receives) and the layout
 its tokens read and write (``judgeq_compacted``, the latest event's, in the one-shot plan's
 form so the worker's offset rules apply unchanged). Chunks never cross an event, and the
 head blocks an event empties go back to the pool once its step has been processed.
@@ -134,6 +136,13 @@ class GKVSchedulerMixin(EvictionSchedulerMixin):
         scheduler_output.judgeq_compacted.update(layouts)
         scheduler_output.judgeq_gkv_jobs = jobs
         scheduler_output.judgeq_gkv_captures = captures
+        # the GPU runner's query ring finds every window from the first event alone
+        # (Model Runner V2 receives resumed requests as new ones, so they are here too)
+        scheduler_output.judgeq_gkv_first_events = {
+            data.req_id: self.gkv_schedules[data.req_id].first_event
+            for data in scheduler_output.scheduled_new_reqs
+            if data.req_id in self.gkv_schedules
+        }
 
     def update_from_output(self, scheduler_output: SchedulerOutput, model_runner_output: Any) -> Any:
         outputs = super().update_from_output(scheduler_output, model_runner_output)
@@ -167,5 +176,6 @@ class GKVScheduler(GKVSchedulerMixin, Scheduler):
 
 
 class GKVAsyncScheduler(GKVSchedulerMixin, AsyncScheduler):
-    """vLLM's asynchronous scheduler with G-KV (the GPU worker has no G-KV path yet:
-    ``config.validate_engine`` refuses it there)."""
+    """vLLM's asynchronous scheduler (the GPU default) with G-KV. Freeing an event's head
+    blocks in ``update_from_output`` is safe although the next step is already scheduled,
+    for the reasons of the prefill event (docs/gpu-path-design.md §5)."""

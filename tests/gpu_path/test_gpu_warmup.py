@@ -1,5 +1,6 @@
 """The GPU runner's kernel warm-up (Triton interpreter on CPU, compiled on the GPU host):
-it runs scoring for both tile shapes and a compaction, and writes nothing to the cache."""
+it runs scoring for both tile shapes and a compaction, and writes nothing to the cache;
+G-KV engines also compile the ring-row kernel, and G-KV alone the compaction."""
 
 from types import SimpleNamespace
 
@@ -14,7 +15,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 NUM_KV_HEADS, NUM_Q_HEADS, HEAD_DIM, BLOCK_SIZE, NUM_LAYERS = 2, 4, 16, 16, 3
 
 
-def fake_runner(policy, num_blocks: int, table_width: int, layer_views=None) -> SimpleNamespace:
+def fake_runner(policy, num_blocks: int, table_width: int, layer_views=None, gkv_ring=None) -> SimpleNamespace:
     cache = torch.randn(num_blocks, NUM_KV_HEADS, BLOCK_SIZE, 2 * HEAD_DIM, device=DEVICE)
     block_table = torch.zeros(4, table_width, dtype=torch.int32, device=DEVICE)
     return SimpleNamespace(
@@ -26,6 +27,7 @@ def fake_runner(policy, num_blocks: int, table_width: int, layer_views=None) -> 
             slot_mappings=torch.zeros(1, 64, dtype=torch.int64, device=DEVICE),
         ),
         layer_views=layer_views,
+        gkv_ring=gkv_ring,
         num_attention_layers=NUM_LAYERS,
         model_config=SimpleNamespace(get_num_attention_heads=lambda parallel_config: NUM_Q_HEADS),
         parallel_config=None,
@@ -75,3 +77,34 @@ def test_warm_up_runs_the_per_layer_offsets_on_the_runners_buffers(monkeypatch):
     assert views.seq_lens[:, 0].tolist() == [1] * NUM_LAYERS
     assert views.slot_mappings[:, 0].tolist() == [0] * NUM_LAYERS
     assert not runner.block_tables.input_block_tables[0].any()
+
+
+@pytest.mark.parametrize("name", [None, "snapkv"])
+def test_warm_up_of_a_gkv_engine_compiles_ring_rows_and_compaction(name, monkeypatch):
+    """gkv (no prefill policy) and a prefill policy with G-KV: the ring-row kernel runs on
+    the runner's own buffers, a compaction runs, the cache is untouched."""
+    from judgeq_vllm.kernels.compact import triton as compact_triton
+    from judgeq_vllm.vllm_adapter.gpu.gkv_window import NO_SCHEDULE
+
+    ring = SimpleNamespace(
+        first_events=SimpleNamespace(gpu=torch.full((4,), NO_SCHEDULE, dtype=torch.int32, device=DEVICE)),
+        ring_rows=torch.full((64,), -1, dtype=torch.int64, device=DEVICE),
+        interval=128,
+        window=16,
+    )
+    runner = fake_runner(make_policy(name) if name else None, num_blocks=40, table_width=32, gkv_ring=ring)
+    before = runner.kv_caches[0].clone()
+    compactions = []
+    compact = compact_triton.compact_paged
+
+    def recording_compact(*args, **kwargs):
+        compactions.append(args[3].dtype)
+        return compact(*args, **kwargs)
+
+    monkeypatch.setattr(warmup, "compact_paged", recording_compact)
+    monkeypatch.setattr(torch.accelerator, "synchronize", lambda *args: None)
+    warmup.warm_up_kernels(runner)
+    assert torch.equal(runner.kv_caches[0], before)
+    assert compactions and set(compactions) == {torch.int64}
+    # the spare row of a 4-slot ring of 16-query windows; the rest untouched
+    assert ring.ring_rows[:2].tolist() == [4 * 16, -1]

@@ -211,3 +211,14 @@ def test_pyramidkv_with_flashinfer_is_refused_on_gpu(monkeypatch):
     _check_engine_features(gpu_engine_features("FLASHINFER"), "snapkv")
     with pytest.raises(ValueError, match="pyramidkv's per-layer budgets with the FLASHINFER attention backend"):
         _check_engine_features(gpu_engine_features("FLASHINFER"), "pyramidkv")
+
+
+@pytest.mark.parametrize("backend", [None, "FLASH_ATTN", "TRITON_ATTN", "FLASHINFER"])
+@pytest.mark.parametrize("policy", ["gkv", "judgeq+gkv"])
+def test_decode_time_eviction_is_accepted_on_gpu(monkeypatch, backend, policy):
+    import vllm.platforms
+
+    from judgeq_vllm.vllm_adapter.config import _check_engine_features
+
+    monkeypatch.setattr(vllm.platforms, "current_platform", _Platform("cuda"))
+    _check_engine_features(gpu_engine_features(backend), policy)

@@ -22,10 +22,21 @@ from vllm.v1.attention.backends.triton_attn import TritonAttentionBackend, Trito
 
 from ..step import current_step
 from .compaction import GPUCompactionStep
+from .gkv_window import GKVQueryRing
 
 
 class EvictionImplMixin:
-    """After vLLM's attention of a layer, selects the kept rows of the step's jobs."""
+    """After vLLM's attention of a layer, selects the kept rows of the step's jobs; with
+    G-KV, also copies the layer's queries into the runner's query ring, a device-side copy
+    that CUDA graphs record (``gkv_window.py``).
+
+    Attributes (set by the runner on G-KV engines only):
+        gkv_ring: the runner's query ring.
+        layer_index: this layer's index in it.
+    """
+
+    gkv_ring: GKVQueryRing | None = None
+    layer_index: int = 0
 
     def forward(
         self,
@@ -39,11 +50,13 @@ class EvictionImplMixin:
         output_scale: torch.Tensor | None = None,
         output_block_scale: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        # attn_metadata is None in the profile run
+        if self.gkv_ring is not None and attn_metadata is not None:
+            self.gkv_ring.capture(self.layer_index, query)
         output = super().forward(
             layer, query, key, value, kv_cache, attn_metadata, output, output_scale, output_block_scale
         )
         step = current_step()
-        # attn_metadata is None in the profile run
         if attn_metadata is not None and isinstance(step, GPUCompactionStep):
             step.select_layer(extract_layer_index(layer.layer_name), query, kv_cache, self.scale)
         return output

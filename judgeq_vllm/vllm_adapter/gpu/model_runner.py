@@ -17,6 +17,12 @@ Per-layer budgets (PyramidKV) add per-layer attention lengths and slots on the s
 whose batch reads a cache compacted with per-layer counts (``layer_views.py``); such
 steps, like compaction steps, never replay a FULL CUDA graph. Other policies build none
 of it.
+
+Decode-time eviction (G-KV) adds a query ring, filled inside every graph mode by each
+layer's attention (``gkv_window.py``), a global score beside the KV cache, and events run
+after the forward of the steps the scheduler tags (``gkv_events.py``); an event's layout
+becomes the request's plan row right after it ran, so the same offsets kernel serves
+every later token. Engines without G-KV build none of it.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from vllm.compilation.breakable_cudagraph import is_breakable_cudagraph_enabled
 from vllm.config.compilation import CUDAGraphMode
 from vllm.model_executor.layers.attention import Attention
 from vllm.model_executor.models.utils import extract_layer_index
+import vllm.v1.worker.gpu.buffer_utils as buffer_utils
 from vllm.v1.worker.gpu.buffer_utils import StagedWriteTensor
 from vllm.v1.worker.gpu.cudagraph_utils import BatchExecutionDescriptor
 from vllm.v1.worker.gpu.model_states.default import DefaultModelState
@@ -37,9 +44,11 @@ from vllm.v1.worker.gpu.model_states.default import DefaultModelState
 from ..config import EvictionConfig
 from ..embedding import install_soft_token_embedding
 from ..plan import EvictionPlan
-from ..step import EVICTION_SECONDS_ATTR, KeptIndexRecorder, current_step, set_current_step
+from ..step import EVICTION_SECONDS_ATTR, GKVEventRecorder, KeptIndexRecorder, current_step, set_current_step
 from .attention import PER_LAYER_IMPLS, EvictionImplMixin
 from .compaction import GPUCompactionStep
+from .gkv_events import GKVEventStep, GKVScores, build_event_jobs
+from .gkv_window import GKVQueryRing
 from .layer_views import LayerViews
 from .offsets import NO_PLAN, PLAN_FIELDS, TOTAL_LEN, apply_eviction_offsets, plan_state_row
 from .selection import build_jobs
@@ -95,13 +104,24 @@ class EvictionGPUModelRunner(mrv2.GPUModelRunner):
         super().__init__(vllm_config, device)
         config = EvictionConfig.from_additional_config(vllm_config.additional_config)
         assert config is not None, "EvictionGPUModelRunner is only built when eviction is on"
+        # the prefill policy (None for G-KV alone)
         self.eviction_policy = config.build_policy()
         self.num_attention_layers = self.model_config.get_num_layers(self.parallel_config)
-        # opt-in debug hook (tests): records the kept indices of every compaction (syncs)
+        # opt-in debug hooks (tests): record the kept indices of every compaction (syncs)
         self.kept_index_recorder: KeptIndexRecorder | None = None
+        self.gkv_event_recorder: GKVEventRecorder | None = None
+        self.gkv_policy = config.build_decode_policy()
         self.attn_seq_lens = torch.zeros(self.max_num_reqs, dtype=torch.int32, device=device)
         self.rope_positions = torch.zeros(self.max_num_tokens, dtype=torch.int64, device=device)
-        self.plan_state = StagedWriteTensor((self.max_num_reqs, PLAN_FIELDS), dtype=torch.int32, device=device)
+        # G-KV writes plan rows twice per step (new requests before the forward, events
+        # after it): twice vLLM's staging buffers (set by super().__init__ from the batches
+        # in flight), so that a buffer is reused only as many steps later as with one write
+        # per step
+        concurrency = buffer_utils._DEFAULT_MAX_CONCURRENCY
+        self.plan_state = StagedWriteTensor(
+            (self.max_num_reqs, PLAN_FIELDS), dtype=torch.int32, device=device,
+            max_concurrency=2 * concurrency if self.gkv_policy is not None else concurrency,
+        )
         self.plan_state.gpu[:, TOTAL_LEN] = NO_PLAN
         # host mirror of plan_state[:, TOTAL_LEN]: which steps need the offsets kernel
         self.plan_total_len = np.full(self.max_num_reqs, NO_PLAN, dtype=np.int64)
@@ -111,14 +131,38 @@ class EvictionGPUModelRunner(mrv2.GPUModelRunner):
         self._step_jobs: dict[str, EvictionPlan] = {}
         # set by prepare_attn when the offsets kernel wrote our buffers, read by the model state
         self.offsets_applied = False
-        # the compaction step whose GPU time goes with the next sampled output
-        self._timed_step: GPUCompactionStep | None = None
+        # the eviction work whose GPU time goes with the next sampled output
+        self._timed_steps: list[GPUCompactionStep | GKVEventStep] = []
         # per-layer budgets only: per-layer lengths and slots, and whether this step reads them
         self.layer_views = (
             LayerViews(self.num_attention_layers, self.max_num_reqs, self.max_num_tokens, device)
-            if self.eviction_policy.per_layer_budgets else None
+            if self.eviction_policy is not None and self.eviction_policy.per_layer_budgets else None
         )
         self._layer_views_step = False
+        # G-KV only: the query ring (allocated before vLLM profiles memory, so the KV cache
+        # is sized around it), the global scores (with the KV cache) and this step's events
+        self.gkv_ring = self._make_gkv_ring(device) if self.gkv_policy is not None else None
+        self.gkv_scores: GKVScores | None = None
+        self._gkv_scale = 1.0  # the attention layers' softmax scale, read at load
+        self._gkv_jobs: dict = {}
+        self._gkv_event_step: GKVEventStep | None = None
+
+    def _make_gkv_ring(self, device: torch.device) -> GKVQueryRing:
+        return GKVQueryRing(
+            self.num_attention_layers, self.max_num_reqs, self.max_num_tokens, self.gkv_policy.window,
+            self.gkv_policy.interval, self.model_config.get_num_attention_heads(self.parallel_config),
+            self.model_config.get_head_size(), self.model_config.dtype, device,
+        )
+
+    def kv_cache_memory_share(self) -> float:
+        """The part of the KV-cache memory the K|V rows get: G-KV's global scores take
+        ``4 * H_kv`` bytes per token and layer beside them (docs/engine-design.md §6.3)."""
+        if self.gkv_policy is None:
+            return 1.0
+        num_kv_heads = self.model_config.get_num_kv_heads(self.parallel_config)
+        kv_bytes = 2 * num_kv_heads * self.model_config.get_head_size() * self.model_config.dtype.itemsize
+        score_bytes = GKVScores.bytes_per_token(1, num_kv_heads)
+        return kv_bytes / (kv_bytes + score_bytes)
 
     # ---- set-up -------------------------------------------------------------------
 
@@ -133,6 +177,8 @@ class EvictionGPUModelRunner(mrv2.GPUModelRunner):
         self._check_attention_backends()
         if self.layer_views is not None:
             self._install_per_layer_impls()
+        if self.gkv_ring is not None:
+            self._install_query_ring()
 
     def _check_attention_backends(self) -> None:
         for name, layer in self.compilation_config.static_forward_context.items():
@@ -159,6 +205,14 @@ class EvictionGPUModelRunner(mrv2.GPUModelRunner):
             layer.impl.layer_views = self.layer_views
             layer.impl.layer_index = extract_layer_index(name)
 
+    def _install_query_ring(self) -> None:
+        # instance attributes: engines without G-KV keep the class default (None)
+        for name, layer in self.compilation_config.static_forward_context.items():
+            if isinstance(layer, Attention):
+                layer.impl.gkv_ring = self.gkv_ring
+                layer.impl.layer_index = extract_layer_index(name)
+                self._gkv_scale = layer.impl.scale
+
     def _check_per_layer_graph_pieces(self) -> None:
         # a graph that captured a layer's KV write or attention would replay the shared
         # slots and lengths: per-layer steps run PIECEWISE, so both must stay outside its pieces
@@ -182,18 +236,24 @@ class EvictionGPUModelRunner(mrv2.GPUModelRunner):
                 f"({self.block_tables.kernel_block_sizes[0]} vs {self.block_tables.block_sizes[0]})"
             )
         self.kernel_block_size = self.block_tables.kernel_block_sizes[0]
+        if self.gkv_policy is not None:
+            num_blocks, num_kv_heads, block_size, _ = self.kv_caches[0].shape
+            self.gkv_scores = GKVScores(self.num_attention_layers, num_blocks * block_size, num_kv_heads, self.device)
         if self.cudagraph_manager is not None:
             self._guard_full_graphs_on_compaction_steps()
 
     def _guard_full_graphs_on_compaction_steps(self) -> None:
         # a FULL graph runs no Python attention, so no scoring and no per-layer lengths or
-        # slots: such a step falls back to its PIECEWISE graph, or eager
+        # slots: such a step falls back to its PIECEWISE graph, or eager. G-KV event steps
+        # too (their queries are in the ring whatever the mode, but they are kept off FULL
+        # like every other step with eviction work)
         manager = self.cudagraph_manager
         dispatch = manager.dispatch
 
         def dispatch_without_full_compaction(num_reqs, num_tokens, uniform_token_count, num_active_loras=0):
             desc = dispatch(num_reqs, num_tokens, uniform_token_count, num_active_loras=num_active_loras)
-            if not (self._step_jobs or self._layer_views_step) or desc.cg_mode != CUDAGraphMode.FULL:
+            eviction_work = self._step_jobs or self._layer_views_step or self._gkv_jobs
+            if not eviction_work or desc.cg_mode != CUDAGraphMode.FULL:
                 return desc
             desc = dispatch(num_reqs, num_tokens, None, num_active_loras=num_active_loras)
             if desc.cg_mode == CUDAGraphMode.FULL:
@@ -218,6 +278,13 @@ class EvictionGPUModelRunner(mrv2.GPUModelRunner):
             self.plan_total_len[slot] = NO_PLAN
             if self.layer_views is not None:
                 self.layer_views.reset_slot(slot)
+        if self.gkv_ring is not None:
+            # first events of the requests admitted (or resumed) in this step; a request
+            # missing from it is served without G-KV
+            first_events = getattr(scheduler_output, "judgeq_gkv_first_events", None) or {}
+            for new_request in scheduler_output.scheduled_new_reqs:
+                slot = self.req_states.req_id_to_index[new_request.req_id]
+                self.gkv_ring.set_slot(slot, first_events.get(new_request.req_id))
 
     def update_requests(self, scheduler_output) -> None:
         super().update_requests(scheduler_output)
@@ -234,6 +301,10 @@ class EvictionGPUModelRunner(mrv2.GPUModelRunner):
                 self.plan_state.stage_write(slot, 0, row)
             self.plan_state.apply_write()
             self._plan_rows.clear()
+        if self.gkv_ring is not None:
+            self.gkv_ring.apply_writes()
+            # before dispatch (the guard reads it)
+            self._gkv_jobs = getattr(scheduler_output, "judgeq_gkv_jobs", None) or {}
         if self.layer_views is not None:
             self.layer_views.apply_writes()
             # before dispatch (execute_model calls it after this method)
@@ -272,7 +343,29 @@ class EvictionGPUModelRunner(mrv2.GPUModelRunner):
                 input_batch, self.plan_state.gpu, self.block_tables.block_tables[0].gpu, slot_mappings[0],
                 self.kernel_block_size,
             )
+        if self.gkv_ring is not None:
+            self.gkv_ring.compute_rows(input_batch)
+            if self._gkv_jobs:
+                self._gkv_event_step = self._gkv_events()
         return block_tables, slot_mappings
+
+    def _gkv_events(self) -> GKVEventStep:
+        req_ids = list(self._gkv_jobs)
+        slots = [self.req_states.req_id_to_index[req_id] for req_id in req_ids]
+        slot_index = torch.tensor(slots, dtype=torch.int64).to(self.device, non_blocking=True)
+        block_rows = self.block_tables.block_tables[0].gpu.index_select(0, slot_index)
+        jobs = build_event_jobs(self._gkv_jobs, slots, block_rows, self.device)
+        return GKVEventStep(jobs, self.gkv_policy, self.gkv_event_recorder)
+
+    def _run_gkv_events(self, step: GKVEventStep) -> None:
+        """The step's events, then their layouts as the requests' plan rows: the rows are
+        position-conditioned (``p >= T_i``), so writing them now, after the forward whose
+        tokens were still in the previous layout, serves every later token."""
+        step.run(self.kv_caches, self.gkv_ring, self.gkv_scores, self._gkv_scale)
+        for slot, job in zip(step.jobs.slots_host, step.jobs.jobs):
+            self.plan_state.stage_write(slot, 0, plan_state_row(job.target))
+            self.plan_total_len[slot] = job.target.total_len
+        self.plan_state.apply_write()
 
     def _compaction_step(self, input_batch) -> GPUCompactionStep:
         batch_rows = {req_id: row for row, req_id in enumerate(input_batch.req_ids)}
@@ -287,20 +380,27 @@ class EvictionGPUModelRunner(mrv2.GPUModelRunner):
     @torch.inference_mode()
     def execute_model(self, scheduler_output, intermediate_tensors=None, dummy_run: bool = False,
                       skip_attn_for_dummy_run: bool = False, is_profile: bool = False):
+        if dummy_run and self.gkv_ring is not None:
+            self.gkv_ring.reset_rows()
         try:
             output = super().execute_model(
                 scheduler_output, intermediate_tensors, dummy_run, skip_attn_for_dummy_run, is_profile
             )
             step = current_step()
+            # after every layer's attention and before sampling: the async output copy
+            # waits for it, so the scheduler frees the head blocks after it ran
             if isinstance(step, GPUCompactionStep):
-                # after every layer's attention and before sampling: the async output
-                # copy waits for it, so the scheduler frees the head blocks after it ran
                 step.compact()
-                self._timed_step = step
+                self._timed_steps.append(step)
+            if self._gkv_event_step is not None:
+                self._run_gkv_events(self._gkv_event_step)
+                self._timed_steps.append(self._gkv_event_step)
             return output
         finally:
             set_current_step(None)
             self._step_jobs = {}
+            self._gkv_jobs = {}
+            self._gkv_event_step = None
             self.offsets_applied = False
             if self.layer_views is not None:
                 self._layer_views_step = False
@@ -308,8 +408,8 @@ class EvictionGPUModelRunner(mrv2.GPUModelRunner):
 
     def sample_tokens(self, grammar_output):
         output = super().sample_tokens(grammar_output)
-        step, self._timed_step = self._timed_step, None
-        if step is None or output is None:
+        steps, self._timed_steps = self._timed_steps, []
+        if not steps or output is None:
             return output
         # the events are read where the output reaches the host (the executor's
         # get_output, after the copy that follows the compaction): no sync here
@@ -317,7 +417,7 @@ class EvictionGPUModelRunner(mrv2.GPUModelRunner):
 
         def get_output_with_eviction_seconds():
             model_runner_output = get_output()
-            setattr(model_runner_output, EVICTION_SECONDS_ATTR, step.gpu_seconds())
+            setattr(model_runner_output, EVICTION_SECONDS_ATTR, sum(step.gpu_seconds() for step in steps))
             return model_runner_output
 
         output.get_output = get_output_with_eviction_seconds

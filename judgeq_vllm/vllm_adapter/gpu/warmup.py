@@ -5,7 +5,9 @@ cache with a fake job: block ids 0.., read-only for scoring, and a compaction wh
 are all in place already (the kernel skips them, nothing is written). A second scoring
 pass with more than 16K keys in its jobs compiles the 128-key tile variant. The kernels
 take every per-step count as a runtime value (not specialised), so these two shapes are
-all a serving engine compiles.
+all a serving engine compiles. G-KV engines also compile the ring-row kernel (on the
+runner's own buffers) and, for G-KV alone (no prefill policy), the compaction; their
+scoring is plain torch.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import torch
 from ...kernels import compact_paged
 from ...policies import ObservationSource
 from ..plan import EvictionPlan
+from .gkv_window import NO_SCHEDULE, apply_gkv_ring_rows
 from .offsets import NO_PLAN, PLAN_FIELDS, apply_eviction_offsets, apply_layer_eviction_offsets
 from .selection import build_jobs, score_layer, select_kept
 
@@ -26,18 +29,23 @@ def warm_up_kernels(runner) -> None:
     kv_cache = runner.kv_caches[0]
     num_blocks, _, block_size, _ = kv_cache.shape
     policy = runner.eviction_policy
-    num_soft = policy.num_observations if policy.observation_source == ObservationSource.SOFT_TOKENS else 0
     # the engine's block-table row stride is a kernel argument too: same width here
     table_width = runner.block_tables.block_tables[0].gpu.shape[1]
-    longest = min(table_width, num_blocks) * block_size - num_soft
-    if longest >= 1:
-        # one short job (64-key tiles), then enough long ones for 128-key tiles
-        long_len = min(longest, 8192)
-        for prompt_len, num_jobs in ((min(256, longest), 1), (long_len, _WIDE_TILE_KEYS // long_len + 1)):
-            _warm_up_scoring(runner, policy, kv_cache, prompt_len, num_soft, num_jobs, table_width)
+    if policy is not None:
+        num_soft = policy.num_observations if policy.observation_source == ObservationSource.SOFT_TOKENS else 0
+        longest = min(table_width, num_blocks) * block_size - num_soft
+        if longest >= 1:
+            # one short job (64-key tiles), then enough long ones for 128-key tiles
+            long_len = min(longest, 8192)
+            for prompt_len, num_jobs in ((min(256, longest), 1), (long_len, _WIDE_TILE_KEYS // long_len + 1)):
+                _warm_up_scoring(runner, policy, kv_cache, prompt_len, num_soft, num_jobs, table_width)
+    elif runner.gkv_ring is not None:
+        _warm_up_compaction(kv_cache, table_width, keep=min(64, table_width * block_size))
     _warm_up_offsets(runner)
     if runner.layer_views is not None:
         _warm_up_layer_offsets(runner)
+    if runner.gkv_ring is not None:
+        _warm_up_ring_rows(runner)
     torch.accelerator.synchronize()
 
 
@@ -56,10 +64,22 @@ def _warm_up_scoring(runner, policy, kv_cache, prompt_len: int, num_soft: int, n
     head_dim = kv_cache.shape[-1] // 2
     query = torch.randn(rows_per_job * num_jobs, num_q_heads, head_dim, dtype=kv_cache.dtype, device=device)
     select_kept(score_layer(policy, jobs, query, kv_cache, head_dim**-0.5), jobs, 0)
-    # kept rows already at their destinations: compiled, nothing moved
-    first = plan.first_kept_slot
-    in_place = torch.arange(first, first + keep, device=device).expand(1, num_jobs, kv_cache.shape[1], keep)
-    compact_paged([kv_cache], block_rows, in_place, jobs.keep, dest_start=jobs.dest_start)
+    _compact_in_place(kv_cache, block_rows, plan.first_kept_slot, keep, jobs.dest_start)
+
+
+def _warm_up_compaction(kv_cache, table_width: int, keep: int) -> None:
+    device = kv_cache.device
+    block_rows = (torch.arange(table_width, dtype=torch.int32, device=device) % kv_cache.shape[0])[None]
+    _compact_in_place(kv_cache, block_rows, 0, keep, torch.zeros(1, dtype=torch.int32, device=device))
+
+
+def _compact_in_place(kv_cache, block_rows, first: int, keep: int, dest_start) -> None:
+    """A compaction whose kept rows are at their destinations already: compiled, nothing
+    moved. Index dtypes as serving's (int64 kept rows and counts, int32 starts)."""
+    num_jobs = block_rows.shape[0]
+    in_place = torch.arange(first, first + keep, device=kv_cache.device).expand(1, num_jobs, kv_cache.shape[1], keep)
+    num_kept = torch.full((num_jobs,), keep, dtype=torch.int64, device=kv_cache.device)
+    compact_paged([kv_cache], block_rows, in_place, num_kept, dest_start=dest_start)
 
 
 def _no_plan_step(runner) -> dict:
@@ -93,6 +113,26 @@ def _warm_up_offsets(runner) -> None:
         logits_indices=torch.zeros(1, dtype=torch.int64, device=device),
         attn_seq_lens=torch.zeros(1, dtype=torch.int32, device=device),
         rope_positions=torch.zeros(1, dtype=torch.int64, device=device),
+    )
+
+
+def _warm_up_ring_rows(runner) -> None:
+    # the runner's own ring rows and first events (their strides are serving's); a token of
+    # a slot without a schedule points at the spare row, what every step rewrites anyway
+    device = runner.device
+    ring = runner.gkv_ring
+    first_events = torch.full_like(ring.first_events.gpu, NO_SCHEDULE)
+    apply_gkv_ring_rows(
+        idx_mapping=torch.zeros(1, dtype=torch.int32, device=device),
+        query_start_loc=torch.tensor([0, 1], dtype=torch.int32, device=device),
+        positions=torch.zeros(1, dtype=torch.int64, device=device),
+        first_events=first_events,
+        ring_rows=ring.ring_rows,
+        num_reqs=1,
+        num_tokens=1,
+        num_tokens_padded=1,
+        interval=ring.interval,
+        window=ring.window,
     )
 
 

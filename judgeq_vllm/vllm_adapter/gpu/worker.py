@@ -46,6 +46,11 @@ class EvictionGPUWorker(Worker):
         finally:
             mrv2.GPUModelRunner = original
 
+    def determine_available_memory(self) -> int:
+        # G-KV keeps a global score beside every KV row: the blocks are sized so that both fit
+        available = super().determine_available_memory()
+        return int(available * self.model_runner.kv_cache_memory_share())
+
     def compile_or_warm_up_model(self):
         self.model_runner.warm_up_eviction_kernels()
         return super().compile_or_warm_up_model()

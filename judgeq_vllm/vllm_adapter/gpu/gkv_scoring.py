@@ -1,0 +1,128 @@
+"""G-KV's scoring and selection for every event of a step, batched over requests, on device.
+
+``GKVPolicy.compress`` (``policies/gkv.py``) scores one request's resident rows; here the
+same formulas run over ``J`` requests at once, their rows padded to the longest (``N``)
+and masked, in plain torch: no host sync, no per-request Python. Each event scores at
+most ``b + interval`` rows (bounded by the budget, not the sequence), so the ``N x N`` key
+similarities of the redundancy term stay small; :func:`jobs_per_chunk` bounds how many
+requests share one batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ...policies import GKVPolicy
+
+# eps of the key-norm division in the authors' Triton similarity kernel (policies/gkv.py)
+_SIMILARITY_NORM_EPS = 1e-6
+# fp32 elements of one chunk's [J, H, N, N] similarity (and its masks): 64 Mi = 256 MiB
+_MAX_SIMILARITY_ELEMENTS = 64 * 2**20
+
+
+@dataclass(frozen=True)
+class GKVSelection:
+    """One layer's choice for ``J`` requests.
+
+    Attributes:
+        kept: ``[J, H, budget]`` int64 indices into each request's resident rows, ascending:
+            the top ``budget - w`` scored rows, then the last ``w`` rows.
+        global_scores: ``[J, H, budget - w]`` fp32 ``F`` of the scored kept rows, in ``kept``
+            order (what the next event reads as ``previous``).
+    """
+
+    kept: torch.Tensor
+    global_scores: torch.Tensor
+
+
+def jobs_per_chunk(num_kv_heads: int, max_rows: int) -> int:
+    """Requests scored together so that their similarity matrices stay under a bound."""
+    return max(1, _MAX_SIMILARITY_ELEMENTS // (num_kv_heads * max_rows * max_rows))
+
+
+def select_gkv(
+    policy: GKVPolicy,
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    num_rows: torch.Tensor,
+    previous: torch.Tensor,
+    has_previous: torch.Tensor,
+    scale: float,
+    budget: int,
+) -> GKVSelection:
+    """``GKVPolicy.compress`` for ``J`` requests at once.
+
+    Args:
+        queries: ``[J, w, Hq, D]`` each request's window queries, oldest first.
+        keys: ``[J, H, N, D]`` resident keys; request ``j``'s are ``[:, :num_rows[j]]`` (the
+            rest is padding, never read into a result).
+        num_rows: ``[J]`` int64 resident rows, ``budget < num_rows[j] <= N``.
+        previous: ``[J, H, budget - w]`` ``F`` of each request's first ``budget - w`` rows
+            (read only where ``has_previous``).
+        has_previous: ``[J]`` bool, whether an earlier event left ``F``.
+    """
+    window = policy.window
+    num_jobs, num_kv_heads, max_rows, _ = keys.shape
+    rows = torch.arange(max_rows, device=keys.device)
+    valid = rows < num_rows[:, None]  # [J, N]
+    scored = rows < (num_rows - window)[:, None]  # [J, N]: the rows before the window
+    local = _local_scores(queries, keys, rows, valid, num_rows, scale, window)
+    local = _normalise(local.masked_fill(~scored[:, None], 0.0))
+    global_scores = _global_scores(policy, local, previous, has_previous, rows)
+    redundancy = _redundancy_scores(policy, keys, rows, valid, scored, num_rows)
+    final = policy.mix_lambda * global_scores - (1.0 - policy.mix_lambda) * redundancy
+    final = final.masked_fill(~scored[:, None], float("-inf"))
+    top = final.topk(budget - window, dim=-1).indices.sort(dim=-1).values
+    window_rows = (num_rows - window)[:, None] + torch.arange(window, device=keys.device)
+    kept = torch.cat([top, window_rows[:, None, :].expand(-1, num_kv_heads, -1)], dim=-1)
+    return GKVSelection(kept, global_scores.gather(-1, top))
+
+
+def _local_scores(queries, keys, rows, valid, num_rows, scale: float, window: int) -> torch.Tensor:
+    """``S`` before normalisation: mean over the window of the group max of the softmax
+    attention, ``[J, H, N]`` (only the scored rows are meaningful)."""
+    num_jobs, _, num_q_heads, head_dim = queries.shape
+    num_kv_heads = keys.shape[1]
+    group = num_q_heads // num_kv_heads
+    # [J, kv_head, group, window, D]: query head q belongs to kv head q // group
+    grouped = queries.float().permute(0, 2, 1, 3).reshape(num_jobs, num_kv_heads, group, window, head_dim)
+    logits = torch.einsum("jhgqd,jhnd->jhgqn", grouped, keys.float() * scale)
+    # the window queries are the last rows: row n is window row n - (num_rows - w), which
+    # query q sees only if it is not after q
+    in_window = rows[None, :] - (num_rows - window)[:, None]  # [J, N]
+    hidden = ~valid[:, None, :] | (in_window[:, None, :] > torch.arange(window, device=keys.device)[None, :, None])
+    logits = logits.masked_fill(hidden[:, None, None], float("-inf"))
+    return torch.softmax(logits, dim=-1).amax(dim=2).mean(dim=2)
+
+
+def _global_scores(policy: GKVPolicy, local, previous, has_previous, rows) -> torch.Tensor:
+    """``F = max(alpha * F_prev, S)`` on the first ``budget - w`` rows of requests with a
+    previous score; ``F = S`` elsewhere (``max(alpha * S, S) = S`` for ``S >= 0``)."""
+    carried = previous.shape[-1]
+    padded = torch.nn.functional.pad(previous.float(), (0, local.shape[-1] - carried))
+    has = has_previous[:, None] & (rows < carried)[None, :]  # [J, N]
+    return torch.where(has[:, None], torch.maximum(policy.alpha * padded, local), local)
+
+
+def _redundancy_scores(policy: GKVPolicy, keys, rows, valid, scored, num_rows) -> torch.Tensor:
+    """``R`` (``GKVPolicy.redundancy_scores``) over each request's own rows, ``[J, H, N]``."""
+    keys = keys.float()
+    unit = keys / (keys.norm(dim=-1, keepdim=True) + _SIMILARITY_NORM_EPS)
+    similarity = unit @ unit.transpose(-1, -2)  # [J, H, row m, column n]
+    pairs = valid[:, None, :, None] & valid[:, None, None, :]
+    diagonal = rows[:, None] == rows[None, :]
+    similarity = similarity.masked_fill(~pairs | diagonal, 0.0)
+    # per column n, the largest row m above the threshold (-1: none) is spared
+    above = similarity > policy.similarity_threshold
+    last_row = torch.where(above, rows[None, None, :, None], -1).amax(dim=2)  # [J, H, N]
+    similarity = similarity.masked_fill(rows[None, None, :, None] == last_row[:, :, None, :], 0.0)
+    summed = similarity.sum(dim=-1) / num_rows[:, None, None]
+    redundancy = torch.softmax(summed.masked_fill(~valid[:, None], float("-inf")), dim=-1)
+    return _normalise(redundancy.masked_fill(~scored[:, None], 0.0))
+
+
+def _normalise(scores: torch.Tensor) -> torch.Tensor:
+    """Divides each (request, kv head)'s scores by their max (zeros stay zeros)."""
+    return scores / scores.amax(dim=-1, keepdim=True)
