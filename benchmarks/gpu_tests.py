@@ -19,6 +19,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from provenance import ROOT, provenance  # noqa: E402
 
+# kept of each failure's report: enough for the assertion and the lines around it
+MESSAGE_CHARS = 4000
+
 
 def main() -> int:
     if len(sys.argv) < 2:
@@ -30,12 +33,14 @@ def main() -> int:
         code = subprocess.run(cmd, cwd=ROOT).returncode
         cases = []
         for case in ET.parse(junit).getroot().iter("testcase"):
-            outcome = "passed"
+            outcome, message = "passed", None
             for child in case:
                 if child.tag in ("failure", "error", "skipped"):
                     outcome = {"failure": "failed", "error": "error", "skipped": "skipped"}[child.tag]
+                    # the end of the report holds the failing line and the exception
+                    message = (child.get("message") or "") + "\n" + (child.text or "")[-MESSAGE_CHARS:]
             cases.append({"test": f"{case.get('classname')}::{case.get('name')}", "outcome": outcome,
-                          "seconds": float(case.get("time", 0))})
+                          "seconds": float(case.get("time", 0)), "message": message})
     report = provenance()
     report.update(pytest_command=" ".join(cmd[1:]), exit_code=code, cases=cases,
                   summary={k: sum(c["outcome"] == k for c in cases) for k in ("passed", "failed", "error", "skipped")})

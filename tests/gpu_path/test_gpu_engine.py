@@ -103,8 +103,13 @@ def eviction_kernel_compiles():
         triton.knobs.runtime.jit_post_compile_hook = hook
 
 
+# engines already shut down, by id (fixtures that own engines shut down the rest)
+SHUT_DOWN: set[int] = set()
+
+
 def shutdown(llm):
     llm.llm_engine.engine_core.shutdown()
+    SHUT_DOWN.add(id(llm))
     del llm
     gc.collect()
     torch.cuda.empty_cache()

@@ -107,6 +107,19 @@ def fake_cache(num_blocks, num_kv_heads, head_dim, gen):
     return storage.to(DEVICE).permute(0, 2, 1, 3)
 
 
+def write_decoded_rows(caches, block_row, start, end, gen):
+    """Fresh K|V at logical rows [start, end): the tokens decoded since the last event.
+    Without them those rows would still hold the rows the last compaction copied down, and
+    a key present twice ties exactly with its copy, so which one top-k keeps would depend
+    on the device."""
+    assert start < end, "an event after the first always has rows decoded since the last one"
+    rows = torch.arange(start, end)
+    blocks, offsets = block_row[rows // BLOCK_SIZE].long(), rows % BLOCK_SIZE
+    for cache in caches:
+        fresh = torch.randn(len(rows), cache.shape[1], cache.shape[3], generator=gen)
+        cache[blocks.to(cache.device), :, offsets.to(cache.device)] = fresh.to(cache.device)
+
+
 def test_event_steps_match_the_policy_and_carry_global_scores():
     """Two requests through their events: each event's kept rows (scored with the ring's
     windows and the previous F) equal GKVPolicy.compress on the rows gathered by hand, the
@@ -134,6 +147,9 @@ def test_event_steps_match_the_policy_and_carry_global_scores():
     for event_index in range(3):
         events = {name: s.first_event + event_index * INTERVAL for name, s in schedules.items()}
         jobs = {name: step_work(s, events[name] - 1, 1)[0] for name, s in schedules.items()}
+        if event_index:
+            for j, job in enumerate(jobs.values()):
+                write_decoded_rows(caches, block_rows[j], job.source_start + budget, job.source_end, gen)
         before = [c.clone().cpu() for c in caches]
         recorder = GKVEventRecorder()
         event_jobs = build_event_jobs(jobs, [slots[n] for n in jobs], block_rows.to(DEVICE), torch.device(DEVICE))

@@ -25,6 +25,7 @@ from test_gpu_engine import (  # noqa: F401 (fixtures)
     ARTIFACT,
     BLOCK_SIZE,
     EVICTION_KERNELS,
+    SHUT_DOWN,
     SetAgreement,
     engine_core,
     eviction_kernel_compiles,
@@ -48,11 +49,24 @@ GKV_KERNELS = EVICTION_KERNELS | {"gkv_ring_rows_kernel"}
 RESULTS: dict = {}
 
 
-def gkv_llm(model_dir, name, **kwargs):
+@pytest.fixture
+def gkv_llm(model_dir):
+    """Makes G-KV engines and shuts down, when the test ends, any its body did not: a
+    failed test must not keep its engine's GPU memory from the next one."""
     from judgeq_vllm.vllm_adapter import llm_kwargs
 
-    soft_tokens = str(ARTIFACT) if name == "judgeq+gkv" else None
-    return make_llm(model_dir, llm_kwargs(name, BUDGET, soft_tokens=soft_tokens, decode_interval=INTERVAL), **kwargs)
+    made = []
+
+    def make(name, **kwargs):
+        soft_tokens = str(ARTIFACT) if name == "judgeq+gkv" else None
+        eviction = llm_kwargs(name, BUDGET, soft_tokens=soft_tokens, decode_interval=INTERVAL)
+        made.append(make_llm(model_dir, eviction, **kwargs))
+        return made[-1]
+
+    yield make
+    for llm in made:
+        if id(llm) not in SHUT_DOWN:
+            shutdown(llm)
 
 
 def runner_of(llm):
@@ -78,14 +92,14 @@ def record_event_dispatch(runner) -> dict[str, list[str]]:
 
 
 @pytest.mark.parametrize("name", ["gkv", "judgeq+gkv"])
-def test_events_match_the_reference(name, model_dir, prompts, hf_reference):
+def test_events_match_the_reference(name, gkv_llm, prompts, hf_reference):
     from judgeq_vllm.policies import GKVPolicy, make_policy
     from judgeq_vllm.reference import generate_gkv
     from judgeq_vllm.soft_tokens import SoftTokens
     from judgeq_vllm.vllm_adapter.step import GKVEventRecorder
 
     chosen = prompts[:PROMPT_COUNT]
-    llm = gkv_llm(model_dir, name)
+    llm = gkv_llm(name)
     runner = runner_of(llm)
     recorder = runner.gkv_event_recorder = GKVEventRecorder()
     modes = record_event_dispatch(runner)
@@ -179,11 +193,11 @@ def drain(llm, extra_steps=3):
         llm.llm_engine.step()
 
 
-def test_blocks_freed_per_event_and_resident_bounded(model_dir, prompts):
+def test_blocks_freed_per_event_and_resident_bounded(gkv_llm, prompts):
     """One long generation stepped by hand: every event frees the blocks below its S_i
     (under async scheduling, once its step's output is processed), the request holds at
     most cdiv(b + interval, bs) + 2 blocks after its first event, the pool comes back."""
-    llm = gkv_llm(model_dir, "gkv")
+    llm = gkv_llm("gkv")
     scheduler = engine_core(llm).scheduler
     start = free_blocks(llm)
     prompt = prompts[2]
@@ -217,8 +231,8 @@ def test_blocks_freed_per_event_and_resident_bounded(model_dir, prompts):
     assert not scheduler.gkv_schedules and not scheduler.gkv_events_scheduled
 
 
-def test_aborts_mid_window_and_mid_prefill_leak_nothing(model_dir, prompts):
-    llm = gkv_llm(model_dir, "gkv")
+def test_aborts_mid_window_and_mid_prefill_leak_nothing(gkv_llm, prompts):
+    llm = gkv_llm("gkv")
     scheduler = engine_core(llm).scheduler
     start = free_blocks(llm)
     in_window = add(llm, "abort-window", prompts[2], max_tokens=300)
