@@ -14,6 +14,8 @@ budget 1024; output tokens/s and the ratio to vanilla.
 new tokens, each evicting policy from 8000-token prompts down to 1024 kept tokens,
 vanilla from 1024-token prompts; the median GPU-timeline period of the steps that decode
 all 64 requests (CUDA events at each step's start, so host stalls count too).
+``long-decode`` (issue 9, decode-time eviction): 8 GiB KV, 64 x (1000 prompt, 8000 output),
+``--policies vanilla,gkv``: G-KV at budget 1024 (interval 128) vs vanilla output tokens/s.
 
 A policy name may carry ``@N``, the engine's ``--kv-admission-horizon`` (``judgeq@0``: vLLM's
 own admission). In-process engines (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) also report
@@ -46,6 +48,7 @@ PARTS = {
     "throughput": dict(num_requests=64, prompt_len=8000, output_len=1024, kv_bytes=8 * GIB),
     "prefill": dict(num_requests=64, prompt_len=8000, output_len=16, kv_bytes=40 * GIB),
     "decode": dict(num_requests=64, prompt_len=8000, output_len=512, kv_bytes=40 * GIB),
+    "long-decode": dict(num_requests=64, prompt_len=1000, output_len=8000, kv_bytes=8 * GIB),
 }
 BUDGET = 1024
 
@@ -150,7 +153,8 @@ def run_engine(model_dir: str, policy: str | None, artifact: str, part: dict, ma
 
     name, _, reserve = (policy or "").partition("@")
     eviction = {} if policy is None else llm_kwargs(
-        name, BUDGET, soft_tokens=artifact if name == "judgeq" else None, admission_horizon=int(reserve) if reserve else None
+        name, BUDGET, soft_tokens=artifact if name.startswith("judgeq") else None,
+        admission_horizon=int(reserve) if reserve else None
     )
     # at equal resident tokens: vanilla's prompt is what the policies keep
     prompt_len = BUDGET if part_name == "decode" and policy is None else part["prompt_len"]

@@ -224,3 +224,19 @@ def test_plan_rows_written_after_each_event_keep_offsets_right(prompt_len):
             assert resident_before + 1 > budget
             layout = job.target
             row = plan_state_row(layout)
+
+
+def test_ring_slots_take_the_first_events_the_scheduler_publishes():
+    """``judgeq_gkv_first_events`` maps request ids to first events (ints); the runner hands
+    each to ``set_slot``, and a request missing from it is served without G-KV."""
+    import numpy as np
+
+    from judgeq_vllm.vllm_adapter.gpu.gkv_window import GKVQueryRing
+
+    ring = GKVQueryRing.__new__(GKVQueryRing)  # host state only: no staged device writes
+    ring.scheduled, ring._pending = np.zeros(4, dtype=bool), {}
+    first_events = {"a": GKVSchedule(30, 0, 20, WINDOW, INTERVAL, BLOCK_SIZE, 1).first_event}
+    for slot, req_id in ((1, "a"), (2, "b")):
+        ring.set_slot(slot, first_events.get(req_id))
+    assert ring._pending == {1: first_events["a"], 2: NO_SCHEDULE}
+    assert ring.scheduled.tolist() == [False, True, False, False]

@@ -24,7 +24,6 @@ import triton
 import triton.language as tl
 from vllm.v1.worker.gpu.buffer_utils import StagedWriteTensor
 
-from ..decode_plan import GKVSchedule
 
 # first event of a slot without a G-KV schedule: no position reaches its window
 NO_SCHEDULE = 2**31 - 1
@@ -150,10 +149,11 @@ class GKVQueryRing:
 
     # ---- per request ----------------------------------------------------------------
 
-    def set_slot(self, slot: int, schedule: GKVSchedule | None) -> None:
-        """The slot's request and its schedule (``None``: served without G-KV)."""
-        self._pending[slot] = NO_SCHEDULE if schedule is None else schedule.first_event
-        self.scheduled[slot] = schedule is not None
+    def set_slot(self, slot: int, first_event: int | None) -> None:
+        """The slot's request and its schedule's first event (``None``: served without
+        G-KV); every later window follows from it and the interval."""
+        self._pending[slot] = NO_SCHEDULE if first_event is None else first_event
+        self.scheduled[slot] = first_event is not None
 
     def apply_writes(self) -> None:
         # one write per slot: apply_write takes at most max_num_reqs rows
