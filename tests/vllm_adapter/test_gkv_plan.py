@@ -2,7 +2,7 @@
 
 import pytest
 
-from judgeq_vllm.policies import GKVPolicy, KVBudget, make_policy
+from judgeq_vllm.policies import GKVPolicy, KVBudget, StreamingLLMDecodePolicy, make_policy
 from judgeq_vllm.soft_tokens import SoftTokens
 from judgeq_vllm.vllm_adapter import llm_kwargs
 from judgeq_vllm.vllm_adapter.config import EvictionConfig
@@ -117,6 +117,13 @@ def test_settings_of_the_decode_policies():
     both = EvictionConfig.from_additional_config(llm_kwargs("judgeq+gkv", 256, soft_tokens="x")["additional_config"])
     assert both.prefill_policy == "judgeq" and both.build_decode_policy().interval == 128
     assert EvictionConfig.from_additional_config(llm_kwargs("snapkv", 256)["additional_config"]).build_decode_policy() is None
+    streaming = EvictionConfig.from_additional_config(
+        llm_kwargs("streamingllm-decode", 256, decode_interval=64, sinks=2)["additional_config"]
+    )
+    assert streaming.decodes and streaming.prefill_policy is None and streaming.build_policy() is None
+    assert streaming.build_decode_policy() == StreamingLLMDecodePolicy(sinks=2, interval=64)
+    default = EvictionConfig.from_additional_config(llm_kwargs("streamingllm-decode", 256)["additional_config"])
+    assert default.build_decode_policy() == StreamingLLMDecodePolicy(sinks=4, interval=128)
 
 
 @pytest.mark.parametrize(
@@ -134,8 +141,23 @@ def test_bad_decode_settings_name_the_fix(kwargs, message):
         EvictionConfig.from_additional_config(llm_kwargs("gkv", **kwargs)["additional_config"])
 
 
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"kv_budget": 0.5}, "streamingllm-decode needs a token budget"),
+        ({"kv_budget": 4}, r"the budget \(4 tokens\) must exceed the sinks \(4\)"),
+        ({"kv_budget": 256, "sinks": -1}, "sinks=-1 must be >= 0"),
+        ({"kv_budget": 256, "decode_interval": 0}, "--kv-decode-interval"),
+        ({"kv_budget": 256, "window": 16}, "'streamingllm-decode' has no parameter window; its parameters are: sinks"),
+    ],
+)
+def test_bad_streaming_decode_settings_name_the_fix(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        EvictionConfig.from_additional_config(llm_kwargs("streamingllm-decode", **kwargs)["additional_config"])
+
+
 def test_unknown_policy_lists_the_decode_policies():
-    with pytest.raises(ValueError, match="choose one of: none, gkv, h2o, judgeq, judgeq\\+gkv"):
+    with pytest.raises(ValueError, match="choose one of: none, gkv, .*, streamingllm, streamingllm-decode$"):
         EvictionConfig.from_additional_config(llm_kwargs("gkvv", 256)["additional_config"])
 
 
@@ -146,3 +168,7 @@ def test_cli_flags_reach_the_config(smollm2_dir):
                       "--judgeq-soft-tokens", "x.safetensors", "--kv-decode-interval", "64"])
     config = EvictionConfig.from_additional_config(args.additional_config)
     assert config.policy == "judgeq+gkv" and config.decode_interval == 64 and config.soft_tokens == "x.safetensors"
+    args = parse_cli(["--model", smollm2_dir, "--kv-eviction", "streamingllm-decode", "--kv-budget", "256",
+                      "--kv-sinks", "8", "--kv-decode-interval", "32"])
+    config = EvictionConfig.from_additional_config(args.additional_config)
+    assert config.build_decode_policy() == StreamingLLMDecodePolicy(sinks=8, interval=32)
