@@ -14,7 +14,15 @@ from typing import Any, Mapping, NamedTuple
 
 import torch
 
-from ..policies import POLICIES, DecodePolicy, EvictionPolicy, GKVPolicy, KVBudget, StreamingLLMDecodePolicy, make_policy
+from ..policies import (
+    POLICIES,
+    DecodePolicy,
+    EvictionPolicy,
+    GKVPolicy,
+    KVBudget,
+    StreamingLLMDecodePolicy,
+    make_policy,
+)
 from ..soft_tokens import SoftTokens, checkpoint_fingerprint
 
 CONFIG_KEY = "judgeq"
@@ -172,7 +180,8 @@ class EvictionConfig:
         unknown = sorted(set(self.knobs) - names)
         if unknown:
             raise ValueError(
-                f"policy {self.policy!r} has no parameter {', '.join(unknown)}; its parameters are: {', '.join(sorted(names))}"
+                f"policy {self.policy!r} has no parameter {', '.join(unknown)}; "
+                f"its parameters are: {', '.join(sorted(names))}"
             )
         return setup.decode(**self.knobs, interval=self.decode_interval)
 

@@ -51,7 +51,9 @@ def add_eviction_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--judgeq-soft-tokens", default=None, metavar="PATH", help="Judge Q soft-token artifact")
     group.add_argument("--kv-window", type=int, default=None, help="observation window (snapkv, h2o) / kept tail (judgeq)")
     group.add_argument("--kv-pool-kernel", type=int, default=None, help="max-pool width over token scores (odd)")
-    group.add_argument("--kv-sinks", type=int, default=None, help="attention sinks kept by streamingllm, streamingllm-decode")
+    group.add_argument(
+        "--kv-sinks", type=int, default=None, help="attention sinks kept by streamingllm, streamingllm-decode"
+    )
     group.add_argument("--kv-beta", type=int, default=None, help="pyramidkv bottom/top budget ratio")
     group.add_argument(
         "--kv-decode-interval", default=None, metavar="STEPS",

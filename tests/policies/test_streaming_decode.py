@@ -38,7 +38,8 @@ def test_schedule_is_gkvs():
     streaming, gkv = StreamingLLMDecodePolicy(interval=32), GKVPolicy(interval=32)
     for forward_index in range(0, 200, 8):
         for resident in (100, 112, 113, 144):
-            assert streaming.compresses_at(forward_index, resident, 112) == gkv.compresses_at(forward_index, resident, 112)
+            expected = gkv.compresses_at(forward_index, resident, 112)
+            assert streaming.compresses_at(forward_index, resident, 112) == expected
     assert streaming.compresses_at(64, 113, 112) and not streaming.compresses_at(65, 144, 112)
     assert not streaming.compresses_at(64, 112, 112)
 

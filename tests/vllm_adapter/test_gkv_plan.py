@@ -96,6 +96,24 @@ def test_step_work_of_decode_steps_and_a_prefill_chunk():
     assert split_at_events(schedule, 150, 5) == 5
 
 
+@pytest.mark.parametrize("prompt_len", [100, 140])
+def test_a_policy_without_queries_gets_gkvs_events_and_no_captures(prompt_len):
+    """streamingllm-decode: the same events, jobs and layouts as G-KV's, no query window to
+    capture, and prefix hits capped by the first compaction's S alone."""
+    streaming = gkv_schedule(prompt_len, StreamingLLMDecodePolicy(interval=32), 112, BLOCK, 4, None)
+    gkv = schedule_for(prompt_len, 112)
+    assert streaming.first_event == gkv.first_event
+    for computed in range(prompt_len, prompt_len + 200):
+        job, capture = step_work(streaming, computed, 1)
+        assert capture is None
+        gkv_job, _ = step_work(gkv, computed, 1)
+        assert (job is None) == (gkv_job is None)
+        if job is not None:
+            assert (job.event, job.source_start, job.source_end) == (gkv_job.event, gkv_job.source_start, gkv_job.source_end)
+            assert job.target.first_kept_slot == gkv_job.target.first_kept_slot and job.target.keep == 112
+    assert streaming.prefix_hit_cap() == streaming.first_kept_slot == 16
+
+
 def test_prefix_caching_caps():
     schedule = schedule_for(140, 112)
     assert schedule.first_kept_slot == schedule.layout(140).first_kept_slot == 16
