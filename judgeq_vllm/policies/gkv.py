@@ -25,28 +25,14 @@ from dataclasses import dataclass
 
 import torch
 
+from .decode import DecodeCompression, DecodePolicy
+
 # eps of the key-norm division in the authors' Triton similarity kernel
 _SIMILARITY_NORM_EPS = 1e-6
 
 
-@dataclass(frozen=True)
-class GKVCompression:
-    """One compression of one layer.
-
-    Attributes:
-        kept: ``[num_kv_heads, budget]`` kept row indices of the compressed cache, ascending
-            per head: the top ``budget - window`` scored rows, then the last ``window`` rows.
-        global_scores: ``[num_kv_heads, budget - window]`` ``F`` of the scored kept rows
-            (before the redundancy term), in ``kept`` order: the next compression's
-            ``previous``.
-    """
-
-    kept: torch.Tensor
-    global_scores: torch.Tensor
-
-
 @dataclass
-class GKVPolicy:
+class GKVPolicy(DecodePolicy):
     """G-KV's decode-time compression: global score plus redundancy, per kv head.
 
     Parameters
@@ -70,6 +56,7 @@ class GKVPolicy:
     mix_lambda: float = 0.5
     similarity_threshold: float = 0.5
     name = "gkv"
+    carries_scores = True
 
     def __post_init__(self):
         if self.window < 1:
@@ -87,16 +74,13 @@ class GKVPolicy:
         if budget <= self.window:
             raise ValueError(f"gkv: the budget ({budget} tokens) must exceed the window ({self.window})")
 
-    def compresses_at(self, forward_index: int, resident: int, budget: int) -> bool:
-        """Whether the forward pass ``forward_index`` (0: prefill) ends with a compression,
-        the cache holding ``resident`` rows after it (``output_length % divide_length == 0``
-        and ``kv_cache_len > budget`` in the authors' code)."""
-        return forward_index % self.interval == 0 and resident > budget
-
     def compress(
         self, queries: torch.Tensor, keys: torch.Tensor, scale: float, budget: int, previous: torch.Tensor | None
-    ) -> GKVCompression:
-        """Scores one layer's cache and selects what it keeps.
+    ) -> DecodeCompression:
+        """Scores one layer's cache and selects what it keeps: the top ``budget - window``
+        scored rows, then the last ``window`` rows; ``global_scores`` ``[num_kv_heads,
+        budget - window]`` is ``F`` of the scored kept rows (before the redundancy term),
+        in ``kept`` order.
 
         Args:
             queries: ``[window, num_q_heads, head_dim]`` post-RoPE queries of the cache's last
@@ -118,7 +102,7 @@ class GKVPolicy:
         final = self.mix_lambda * global_scores - (1.0 - self.mix_lambda) * self.redundancy_scores(keys)
         top = final.topk(budget - self.window, dim=-1).indices.sort(dim=-1).values
         window_rows = torch.arange(num_rows - self.window, num_rows).expand(keys.shape[0], -1)
-        return GKVCompression(torch.cat([top, window_rows], dim=-1), global_scores.gather(1, top))
+        return DecodeCompression(torch.cat([top, window_rows], dim=-1), global_scores.gather(1, top))
 
     def local_scores(self, queries: torch.Tensor, keys: torch.Tensor, scale: float) -> torch.Tensor:
         """``S``: per kv head, the mean over the window queries of the max over the group's

@@ -1,5 +1,9 @@
 """The readable oracle of decode-time eviction: G-KV on a HF cache, as the authors run it.
 
+Any :class:`DecodePolicy` runs on the same schedule here: ``StreamingLLMDecodePolicy``
+(``streamingllm-decode``) keeps the sinks and the most recent rows instead of scoring,
+and needs no query window (``policy.window == 0``: nothing is recorded).
+
 NOTE on the schedule (``gkv/model/gen_patch.py`` and the patched attention of
 microsoft/G-KV). Forward pass ``j = 0`` is the prefill; pass ``j >= 1`` feeds the
 ``j``-th generated token at position ``prompt_len + j - 1``. A pass first appends its KV
@@ -25,18 +29,18 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from transformers import DynamicCache
 
-from ..policies import EvictionPolicy, GKVPolicy, KVBudget
+from ..policies import DecodePolicy, EvictionPolicy, KVBudget
 from .hf import _compress_cache, _prefill, _recording, _stop_ids, evicting_prefill, record_attention
 
 
 @dataclass(frozen=True)
 class GKVEviction:
-    """One compression (all layers) during a G-KV generation.
+    """One compression (all layers) during a decode-time generation.
 
     Attributes:
         forward_index: the pass it ended (0: the prefill).
@@ -65,7 +69,7 @@ class GKVResult:
         prompt_len: tokens in the prompt.
         prefill_kept: per layer, the prefill policy's kept prompt indices (``judgeq+gkv``),
             or ``None``.
-        evictions: G-KV's compressions, in order.
+        evictions: the decode-time policy's compressions, in order.
         resident_after_pass: rows per (layer, kv head) at the end of every pass's attention,
             before that pass's compression (the peak the cache reaches).
     """
@@ -95,9 +99,9 @@ class _QueryWindow:
 
 
 class _GKVState:
-    """The cache's G-KV bookkeeping: global scores and original positions of every row."""
+    """The cache's decode-time bookkeeping: global scores (G-KV) and original positions of every row."""
 
-    def __init__(self, policy: GKVPolicy, budget: int, scale: float, positions: list[torch.Tensor]):
+    def __init__(self, policy: DecodePolicy, budget: int, scale: float, positions: list[torch.Tensor]):
         self.policy, self.budget, self.scale = policy, budget, scale
         self.positions = positions  # per layer [num_kv_heads, rows]
         self.previous: list[torch.Tensor | None] = [None] * len(positions)
@@ -107,12 +111,17 @@ class _GKVState:
         for layer, rows in enumerate(self.positions):
             self.positions[layer] = torch.cat([rows, torch.full((rows.shape[0], 1), position)], dim=1)
 
-    def compress(self, cache: DynamicCache, queries: list[torch.Tensor], forward_index: int, num_tokens: int) -> None:
+    def compress(
+        self, cache: DynamicCache, queries: Callable[[int], torch.Tensor], forward_index: int, num_tokens: int
+    ) -> None:
+        """Compresses every layer; ``queries(layer)`` gives that layer's window (read only
+        for a policy with one)."""
         kept_per_layer, kept_positions = [], []
         resident = cache.layers[0].keys.shape[2]
         for layer, cache_layer in enumerate(cache.layers):
+            window = queries(layer) if self.policy.window else None
             compression = self.policy.compress(
-                queries[layer], cache_layer.keys[0].cpu(), self.scale, self.budget, self.previous[layer]
+                window, cache_layer.keys[0].cpu(), self.scale, self.budget, self.previous[layer]
             )
             self.previous[layer] = compression.global_scores
             kept_per_layer.append(compression.kept)
@@ -126,19 +135,19 @@ class _GKVState:
 def generate_gkv(
     model: torch.nn.Module,
     prompt_ids: Sequence[int],
-    policy: GKVPolicy,
+    policy: DecodePolicy,
     budget: int,
     max_new_tokens: int,
     stop_token_ids: Sequence[int] | None = None,
     prefill_policy: EvictionPolicy | None = None,
 ) -> GKVResult:
-    """Greedy generation with G-KV compressions every ``policy.interval`` passes.
+    """Greedy generation with decode-time compressions every ``policy.interval`` passes.
 
     Args:
         model: from :func:`hf.load_reference_model`.
         prompt_ids: the prompt's token ids.
-        policy: G-KV's knobs.
-        budget: rows kept per (layer, kv head) at each compression (> ``policy.window``).
+        policy: G-KV's knobs, or another decode-time policy (``StreamingLLMDecodePolicy``).
+        budget: rows kept per (layer, kv head) at each compression (``policy.check_budget``).
         max_new_tokens: generation length limit.
         stop_token_ids: tokens that end generation (default: the model's EOS ids).
         prefill_policy: evicts at the end of prefill instead of G-KV (``judgeq+gkv``),
@@ -167,8 +176,7 @@ def generate_gkv(
         state = _GKVState(policy, budget, scale, _all_positions(len(cache.layers), num_kv_heads, prompt_len))
         resident_after_pass = [prompt_len]
         if policy.compresses_at(0, prompt_len, budget):
-            queries = [recorder.queries[layer].cpu() for layer in range(len(cache.layers))]
-            state.compress(cache, queries, 0, prompt_len)
+            state.compress(cache, lambda layer: recorder.queries[layer].cpu(), 0, prompt_len)
 
     stop = _stop_ids(model, stop_token_ids)
     window = _QueryWindow(policy.window)
@@ -188,8 +196,7 @@ def generate_gkv(
         resident = cache.layers[0].keys.shape[2]
         resident_after_pass.append(resident)
         if policy.compresses_at(forward_index, resident, budget):
-            queries = [window.layer(layer) for layer in range(len(cache.layers))]
-            state.compress(cache, queries, forward_index, position + 1)
+            state.compress(cache, window.layer, forward_index, position + 1)
         token = int(out.logits[0, -1].argmax())
         tokens.append(token)
     return GKVResult(tokens, prompt_len, prefill_kept, state.evictions, resident_after_pass)

@@ -8,12 +8,21 @@ any engine process starts, so a misconfiguration fails fast with a message namin
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Mapping, NamedTuple
 
 import torch
 
-from ..policies import POLICIES, EvictionPolicy, GKVPolicy, KVBudget, make_policy
+from ..policies import (
+    POLICIES,
+    DecodePolicy,
+    EvictionPolicy,
+    GKVPolicy,
+    KVBudget,
+    StreamingLLMDecodePolicy,
+    make_policy,
+)
 from ..soft_tokens import SoftTokens, checkpoint_fingerprint
 
 CONFIG_KEY = "judgeq"
@@ -22,10 +31,31 @@ NO_EVICTION = "none"
 KNOB_FLAGS = {"kv_window": "window", "kv_pool_kernel": "pool_kernel", "kv_sinks": "sinks", "kv_beta": "beta"}
 # decode steps that admission looks ahead (EvictionConfig.admission_horizon)
 DEFAULT_ADMISSION_HORIZON = 1024
-# decode-time policies (G-KV, docs/engine-design.md §6): name -> the prefill policy before it
-DECODE_POLICIES: dict[str, str | None] = {"gkv": None, "judgeq+gkv": "judgeq"}
-# G-KV compresses every this many forward passes of a request (the authors' divide_length)
+
+
+class DecodeSetup(NamedTuple):
+    """What a decode-time ``--kv-eviction`` name runs: a prefill policy (``None``: the
+    decode policy compresses the prompt itself, as its first event), then the decode policy."""
+
+    prefill: str | None
+    decode: type[DecodePolicy]
+
+
+# decode-time policies (docs/engine-design.md §6): name -> what it runs
+DECODE_POLICIES: dict[str, DecodeSetup] = {
+    "gkv": DecodeSetup(None, GKVPolicy),
+    "judgeq+gkv": DecodeSetup("judgeq", GKVPolicy),
+    "streamingllm-decode": DecodeSetup(None, StreamingLLMDecodePolicy),
+}
+# decode-time policies compress every this many forward passes of a request (G-KV's divide_length)
 DEFAULT_DECODE_INTERVAL = 128
+
+
+def prefill_policy_of(name: str) -> str | None:
+    """The policy ``--kv-eviction name`` evicts with at the end of prefill (``None``: a
+    decode policy alone, whose prefill compression is its own first event)."""
+    setup = DECODE_POLICIES.get(name)
+    return name if setup is None else setup.prefill
 # stands in for Judge Q's artifact while only the knobs are checked
 _PLACEHOLDER_SOFT_TOKENS = SoftTokens(torch.zeros(1, 1), "placeholder", "placeholder")
 
@@ -57,9 +87,8 @@ class EvictionConfig:
 
     @property
     def prefill_policy(self) -> str | None:
-        """The policy that evicts at the end of prefill (``None``: G-KV alone, whose
-        prefill compression is its own first event)."""
-        return DECODE_POLICIES.get(self.policy, self.policy)
+        """The policy that evicts at the end of prefill (:func:`prefill_policy_of`)."""
+        return prefill_policy_of(self.policy)
 
     @property
     def decodes(self) -> bool:
@@ -136,17 +165,25 @@ class EvictionConfig:
             knobs["soft_tokens"] = self.load_soft_tokens() if load_soft_tokens else _PLACEHOLDER_SOFT_TOKENS
         return make_policy(self.prefill_policy, **knobs)
 
-    def build_decode_policy(self) -> GKVPolicy | None:
-        """G-KV's knobs (``None`` for prefill-only policies). ``--kv-window`` is G-KV's
-        window for ``gkv``; for ``judgeq+gkv`` the knobs are Judge Q's and G-KV keeps its
-        default window."""
+    def build_decode_policy(self) -> DecodePolicy | None:
+        """The decode-time policy (``None`` for prefill-only policies), compressing every
+        ``decode_interval`` passes. Alone (``gkv``, ``streamingllm-decode``) it takes the
+        knobs (``--kv-window`` is G-KV's window, ``--kv-sinks`` StreamingLLM's sinks); after
+        a prefill policy (``judgeq+gkv``) the knobs are that policy's and it keeps its defaults."""
         if not self.decodes:
             return None
-        window = self.knobs.get("window", GKVPolicy.window) if self.prefill_policy is None else GKVPolicy.window
-        unknown = sorted(set(self.knobs) - {"window"}) if self.prefill_policy is None else []
+        setup = DECODE_POLICIES[self.policy]
+        if setup.prefill is not None:
+            return setup.decode(interval=self.decode_interval)
+        # the knobs with a flag of their own (the interval has its own flag too)
+        names = {f.name for f in dataclasses.fields(setup.decode)} & set(KNOB_FLAGS.values())
+        unknown = sorted(set(self.knobs) - names)
         if unknown:
-            raise ValueError(f"policy 'gkv' has no parameter {', '.join(unknown)}; its parameters are: window")
-        return GKVPolicy(window=window, interval=self.decode_interval)
+            raise ValueError(
+                f"policy {self.policy!r} has no parameter {', '.join(unknown)}; "
+                f"its parameters are: {', '.join(sorted(names))}"
+            )
+        return setup.decode(**self.knobs, interval=self.decode_interval)
 
 
 def _whole_number(value: Any, default: int, minimum: int, flag: str, unit: str) -> int:

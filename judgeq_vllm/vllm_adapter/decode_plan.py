@@ -1,4 +1,5 @@
-"""Decode-time eviction (G-KV) as a sequence of compaction events; docs/engine-design.md §6.
+"""Decode-time eviction (G-KV, StreamingLLM's decode variant) as a sequence of compaction
+events; docs/engine-design.md §6.
 
 NOTE on the model. Event ``i`` runs at the end of the step after which vLLM counts
 ``T_i`` computed tokens, and leaves every (layer, kv head) with ``b`` rows at logical slots
@@ -14,19 +15,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..policies import GKVPolicy
+from ..policies import DecodePolicy
 from .plan import EvictionPlan
 
 
 @dataclass(frozen=True)
 class GKVSchedule:
-    """The G-KV events of one request.
+    """The decode-time events of one request (G-KV's schedule, whatever the policy).
 
     Attributes:
         prompt_len: ``P``, the user's prompt.
         num_soft: soft tokens inserted by a Judge Q prefill plan, else 0.
         budget: ``b``, rows kept per (layer, kv head) at every event.
-        window: ``w``, the queries (and protected last rows) of an event.
+        window: ``w``, the queries (G-KV: and protected last rows) of an event; 0: none.
         interval: events happen every ``interval`` forward passes.
         block_size: KV-cache block size.
         num_layers: attention layers of the model.
@@ -49,7 +50,7 @@ class GKVSchedule:
 
     @property
     def first_event(self) -> int:
-        """``T`` of the first G-KV event: the prefill's end if G-KV compresses the prompt,
+        """``T`` of the first event: the prefill's end if the policy compresses the prompt,
         else the first pass boundary at which the resident rows exceed the budget."""
         if self.prefill is None and self.prompt_end > self.budget:
             return self.prompt_end
@@ -60,7 +61,7 @@ class GKVSchedule:
         return self.prompt_end + passes * self.interval
 
     def is_event(self, num_tokens: int) -> bool:
-        """Whether a G-KV event runs once vLLM counts ``num_tokens`` computed tokens."""
+        """Whether an event runs once vLLM counts ``num_tokens`` computed tokens."""
         first = self.first_event
         return num_tokens >= first and (num_tokens - first) % self.interval == 0
 
@@ -100,7 +101,8 @@ class GKVSchedule:
         return None
 
     def has_previous_scores(self, event: int) -> bool:
-        """Whether an earlier G-KV event left global scores for this one."""
+        """Whether an earlier event ran (and, for a policy that carries global scores,
+        left them for this one)."""
         return event > self.first_event
 
     @property
@@ -126,7 +128,8 @@ class GKVJob:
         event: ``T``, tokens computed when it runs.
         source: the layout the resident rows are in (``None``: uncompacted, rows ``[0, T)``).
         target: the layout it leaves.
-        has_previous_scores: whether ``F`` of an earlier event sits at the source's first rows.
+        has_previous_scores: whether an earlier event ran (G-KV: its ``F`` sits at the
+            source's first rows).
     """
 
     event: int
@@ -186,7 +189,7 @@ def split_at_events(schedule: GKVSchedule, num_computed: int, num_new_tokens: in
 
 
 def gkv_schedule(
-    prompt_len: int, policy: GKVPolicy, budget: int, block_size: int, num_layers: int, prefill: EvictionPlan | None
+    prompt_len: int, policy: DecodePolicy, budget: int, block_size: int, num_layers: int, prefill: EvictionPlan | None
 ) -> GKVSchedule:
     return GKVSchedule(
         prompt_len=prompt_len,

@@ -1,14 +1,15 @@
-"""The EngineCore side of decode-time eviction (G-KV); docs/engine-design.md §6.5.
+"""The EngineCore side of decode-time eviction (G-KV, StreamingLLM's decode variant);
+docs/engine-design.md §6.5.
 
 On top of :class:`EvictionSchedulerMixin` (which still makes Judge Q's prefill plan for
 ``judgeq+gkv``), every request gets a :class:`GKVSchedule` when it is admitted. Each step
-then carries, per request, the G-KV event that ends with it (``judgeq_gkv_jobs``), the
-query rows of the next event's window it computes (``judgeq_gkv_captures``, read by the
-CPU runner; the GPU runner derives them on device from ``judgeq_gkv_first_events``, the
-first event of each request it receives) and the layout
-its tokens read and write (``judgeq_compacted``, the latest event's, in the one-shot plan's
-form so the worker's offset rules apply unchanged). Chunks never cross an event, and the
-head blocks an event empties go back to the pool once its step has been processed.
+then carries, per request, the event that ends with it (``judgeq_gkv_jobs``), the query
+rows of the next event's window it computes (G-KV only: ``judgeq_gkv_captures``, read by
+the CPU runner; the GPU runner derives them on device from ``judgeq_gkv_first_events``,
+the first event of each request it receives) and the layout its tokens read and write
+(``judgeq_compacted``, the latest event's, in the one-shot plan's form so the worker's
+offset rules apply unchanged). Chunks never cross an event, and the head blocks an event
+empties go back to the pool once its step has been processed.
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ class GKVFullAttentionManager(EvictionFullAttentionManager):
 
 
 class GKVSchedulerMixin(EvictionSchedulerMixin):
-    """G-KV events on top of the one-shot eviction scheduler."""
+    """Decode-time events (G-KV's schedule, any decode policy) on top of the one-shot eviction scheduler."""
 
     def _init_eviction(self, config: EvictionConfig) -> None:
         super()._init_eviction(config)

@@ -45,16 +45,19 @@ def add_eviction_arguments(parser: argparse.ArgumentParser) -> None:
         choices=[NO_EVICTION, *sorted(POLICIES), *sorted(DECODE_POLICIES)],
         default=None,
         help="evict prompt KV at the end of prefill with this policy, or also during decoding (gkv, "
-        "judgeq+gkv) (default: none)",
+        "judgeq+gkv, streamingllm-decode) (default: none)",
     )
     group.add_argument("--kv-budget", default=None, help="KV kept per request and head: tokens (256) or ratio removed (0.75)")
     group.add_argument("--judgeq-soft-tokens", default=None, metavar="PATH", help="Judge Q soft-token artifact")
     group.add_argument("--kv-window", type=int, default=None, help="observation window (snapkv, h2o) / kept tail (judgeq)")
     group.add_argument("--kv-pool-kernel", type=int, default=None, help="max-pool width over token scores (odd)")
-    group.add_argument("--kv-sinks", type=int, default=None, help="attention sinks kept by streamingllm")
+    group.add_argument(
+        "--kv-sinks", type=int, default=None, help="attention sinks kept by streamingllm, streamingllm-decode"
+    )
     group.add_argument("--kv-beta", type=int, default=None, help="pyramidkv bottom/top budget ratio")
     group.add_argument(
-        "--kv-decode-interval", default=None, metavar="STEPS", help="gkv: compress every this many decode steps (default 128)"
+        "--kv-decode-interval", default=None, metavar="STEPS",
+        help="gkv, streamingllm-decode: compress every this many decode steps (default 128)",
     )
     group.add_argument(
         "--kv-admission-horizon",

@@ -59,7 +59,8 @@ class EvictionStats:
         tokens_evicted: prompt rows dropped per (layer, kv head), summed over requests.
         soft_tokens_appended: soft tokens added to prompts inside the engine.
         blocks_freed: blocks that went back to the free pool after compaction steps.
-        decode_compactions: G-KV compactions during decoding (and of G-KV's own prefill).
+        decode_compactions: decode-time policies' compactions (G-KV, streamingllm-decode;
+            their compaction of the prompt at the prefill included).
         decode_rows_evicted: rows per (layer, kv head) those dropped, summed.
         compression_ratio: per compaction, the fraction of the candidates' KV removed.
         eviction_seconds: per step that compacted, the worker's time scoring and compacting.

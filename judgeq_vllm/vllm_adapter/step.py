@@ -16,7 +16,7 @@ from typing import Iterator
 
 import torch
 
-from ..policies import EvictionPolicy, GKVPolicy
+from ..policies import DecodePolicy, EvictionPolicy
 from .decode_plan import GKVJob
 from .plan import EvictionPlan
 
@@ -76,7 +76,7 @@ class KeptIndexRecorder:
 
 @dataclass(frozen=True)
 class GKVStepJob:
-    """A G-KV event that runs at the end of this step's attention, per layer.
+    """A decode-time event that runs at the end of this step's attention, per layer.
 
     Attributes:
         req_id: the engine's request id.
@@ -107,8 +107,9 @@ class QueryCapture:
 
 
 class GKVWorkerState:
-    """The worker's G-KV state: query windows being filled, and the running global
-    scores beside the KV cache (docs/engine-design.md §6.3).
+    """The worker's decode-time state: the decode policy, G-KV's query windows being
+    filled, and its running global scores beside the KV cache (docs/engine-design.md §6.3;
+    a policy without a window or scores leaves both empty).
 
     Scores live per layer in ``[num_slots, num_kv_heads]`` fp32, indexed by physical KV slot
     like the rows they score; a request reads only scores its own previous event wrote, so
@@ -116,7 +117,7 @@ class GKVWorkerState:
     event has run in the last layer (or its request finishes).
     """
 
-    def __init__(self, policy: GKVPolicy, num_layers: int):
+    def __init__(self, policy: DecodePolicy, num_layers: int):
         self.policy = policy
         self.num_layers = num_layers
         self.windows: dict[str, torch.Tensor] = {}  # request id -> [num_layers, window, Hq, D]
@@ -140,7 +141,7 @@ class GKVWorkerState:
 
 
 class GKVEventRecorder:
-    """Opt-in debug record of G-KV kept rows (indices into the rows resident before the
+    """Opt-in debug record of decode-time kept rows (indices into the rows resident before the
     event), per request, event and layer; tests compare them with the HF reference's."""
 
     def __init__(self) -> None:
@@ -177,10 +178,10 @@ class EvictionStep:
             request keeps a different count per layer (PyramidKV); ``None``: every layer
             writes where the runner's slot mapping says.
         timer: where the attention layers add the time their compaction takes.
-        gkv_jobs: G-KV events run at the end of this step's attention, per layer.
+        gkv_jobs: decode-time events run at the end of this step's attention, per layer.
         gkv_captures: query rows of this step that go into G-KV windows.
-        gkv_state: the worker's windows and global scores (G-KV engines only).
-        gkv_recorder: where G-KV kept rows go, if a test asked for them.
+        gkv_state: the worker's decode policy, windows and global scores (decode-time engines only).
+        gkv_recorder: where decode-time kept rows go, if a test asked for them.
     """
 
     jobs: list[CompactionJob] = field(default_factory=list)

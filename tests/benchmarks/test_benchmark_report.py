@@ -41,7 +41,7 @@ def test_section_summarises_each_result_with_model_device_and_plots(
         assert title in text
     assert text.count("Model: SmolLM2-135M-Instruct (Q4_1 GGUF") == 4 and text.count("Device: cpu") == 4
     assert "| snapkv@64 | 1536 |" in text and "| snapkv | " in text and "| snapkv@128 | " in text
-    assert "| gkv@64 | " in text and "| streamingllm@64 | " in text
+    assert "| gkv@64 | " in text and "| streamingllm-decode@64 | " in text
     for line in text.splitlines():
         for link in [part.split(")")[0] for part in line.split("](")[1:]]:
             assert (readme.parent / link).is_file(), link

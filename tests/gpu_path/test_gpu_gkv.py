@@ -1,11 +1,12 @@
-"""The GPU path's G-KV pieces on CPU (Triton interpreter): the ring-row kernel against its
-loop reference, the batched selection against ``GKVPolicy.compress``, and one event step
-(scoring, compaction, global scores, plan rows) against a gather-based reference."""
+"""The GPU path's decode-time pieces on CPU (Triton interpreter): the ring-row kernel against
+its loop reference, the batched selection against ``GKVPolicy.compress``, and event steps
+(G-KV: scoring, compaction, global scores; streamingllm-decode: sinks and recent rows,
+compaction; plan rows) against a gather-based reference."""
 
 import pytest
 import torch
 
-from judgeq_vllm.policies import GKVPolicy
+from judgeq_vllm.policies import GKVPolicy, StreamingLLMDecodePolicy
 from judgeq_vllm.vllm_adapter.decode_plan import GKVSchedule, step_work
 from judgeq_vllm.vllm_adapter.gpu.gkv_scoring import select_gkv
 from judgeq_vllm.vllm_adapter.gpu.gkv_window import NO_SCHEDULE, apply_gkv_ring_rows, reference_gkv_ring_rows
@@ -120,6 +121,21 @@ def write_decoded_rows(caches, block_row, start, end, gen):
         cache[blocks.to(cache.device), :, offsets.to(cache.device)] = fresh.to(cache.device)
 
 
+def by_slot(cache):
+    """[num_slots, H, 2 * D] on the host: a paged cache's rows by physical slot."""
+    return cache.cpu().permute(0, 2, 1, 3).reshape(-1, cache.shape[1], cache.shape[3])
+
+
+def physical(block_row, logical):
+    """Physical slots of a request's logical slots, through its block-table row."""
+    return block_row[logical // BLOCK_SIZE].long() * BLOCK_SIZE + logical % BLOCK_SIZE
+
+
+def jobs_at(schedules, event_index):
+    """Each request's job for its ``event_index``-th event (the step that ends at it)."""
+    return {name: step_work(s, s.first_event + event_index * INTERVAL - 1, 1)[0] for name, s in schedules.items()}
+
+
 def test_event_steps_match_the_policy_and_carry_global_scores():
     """Two requests through their events: each event's kept rows (scored with the ring's
     windows and the previous F) equal GKVPolicy.compress on the rows gathered by hand, the
@@ -145,8 +161,7 @@ def test_event_steps_match_the_policy_and_carry_global_scores():
     scores_of = scores.scores  # [L, slots, H] on DEVICE
     previous = {name: None for name in schedules}
     for event_index in range(3):
-        events = {name: s.first_event + event_index * INTERVAL for name, s in schedules.items()}
-        jobs = {name: step_work(s, events[name] - 1, 1)[0] for name, s in schedules.items()}
+        jobs = jobs_at(schedules, event_index)
         if event_index:
             for j, job in enumerate(jobs.values()):
                 write_decoded_rows(caches, block_rows[j], job.source_start + budget, job.source_end, gen)
@@ -156,27 +171,59 @@ def test_event_steps_match_the_policy_and_carry_global_scores():
         GKVEventStep(event_jobs, policy, recorder).run(caches, ring, scores, head_dim**-0.5, timed=False)
         for j, (name, job) in enumerate(jobs.items()):
             assert job.has_previous_scores == (previous[name] is not None)
-            rows = torch.arange(job.source_start, job.source_end)
-            physical = block_rows[j, rows // BLOCK_SIZE].long() * BLOCK_SIZE + rows % BLOCK_SIZE
-            dest = job.target.first_kept_slot + torch.arange(budget)
-            dest_physical = block_rows[j, dest // BLOCK_SIZE].long() * BLOCK_SIZE + dest % BLOCK_SIZE
+            source = physical(block_rows[j], torch.arange(job.source_start, job.source_end))
+            dest_physical = physical(block_rows[j], job.target.first_kept_slot + torch.arange(budget))
             for layer in range(num_layers):
-                flat_before = before[layer].permute(0, 2, 1, 3).reshape(-1, num_kv_heads, 2 * head_dim)
-                flat_after = caches[layer].cpu().permute(0, 2, 1, 3).reshape(-1, num_kv_heads, 2 * head_dim)
-                keys = flat_before[physical, :, :head_dim].transpose(0, 1)
+                flat_before, flat_after = by_slot(before[layer]), by_slot(caches[layer])
+                keys = flat_before[source, :, :head_dim].transpose(0, 1)
                 window = ring.queries[layer, slots[name] * WINDOW : (slots[name] + 1) * WINDOW].cpu()
                 prev = previous[name][layer] if previous[name] is not None else None
                 expected = policy.compress(window, keys, head_dim**-0.5, budget, prev)
                 got = recorder.kept[name][job.event][layer]
                 assert torch.equal(got, expected.kept), (name, event_index, layer)
                 for head in range(num_kv_heads):
-                    assert torch.equal(flat_after[dest_physical, head], flat_before[physical[got[head]], head])
+                    assert torch.equal(flat_after[dest_physical, head], flat_before[source[got[head]], head])
                 torch.testing.assert_close(
                     scores_of[layer].cpu()[dest_physical[: budget - WINDOW]].T, expected.global_scores
                 )
             previous[name] = [
                 scores_of[layer].cpu()[dest_physical[: budget - WINDOW]].T for layer in range(num_layers)
             ]
+
+
+def test_streaming_event_steps_keep_the_sinks_and_the_recent_rows():
+    """streamingllm-decode on the G-KV event path, without a ring or scores: every event
+    keeps, in every layer and head, the sinks and the last b - sinks resident rows (what
+    StreamingLLMDecodePolicy.compress keeps on CPU), and its K|V rows land at [S_i, S_i + b)."""
+    from judgeq_vllm.vllm_adapter.gpu.gkv_events import GKVEventStep, build_event_jobs
+    from judgeq_vllm.vllm_adapter.step import GKVEventRecorder
+
+    gen = torch.Generator().manual_seed(2)
+    sinks, budget, num_layers, num_kv_heads, head_dim, max_blocks = 3, 20, 2, 2, 8, 8
+    policy = StreamingLLMDecodePolicy(sinks=sinks, interval=INTERVAL)
+    caches = [fake_cache(40, num_kv_heads, head_dim, gen) for _ in range(num_layers)]
+    schedules = {"a": GKVSchedule(30, 0, budget, policy.window, INTERVAL, BLOCK_SIZE, num_layers),
+                 "b": GKVSchedule(9, 0, budget, policy.window, INTERVAL, BLOCK_SIZE, num_layers)}
+    block_rows = torch.randperm(40, generator=gen)[: 2 * max_blocks].view(2, max_blocks).int()
+    for event_index in range(3):
+        jobs = jobs_at(schedules, event_index)
+        before = [c.clone().cpu() for c in caches]
+        recorder = GKVEventRecorder()
+        step_jobs = build_event_jobs(jobs, [1, 3], block_rows.to(DEVICE), torch.device(DEVICE))
+        GKVEventStep(step_jobs, policy, recorder).run(caches, None, None, head_dim**-0.5, timed=False)
+        for j, (name, job) in enumerate(jobs.items()):
+            num_rows = job.source_end - job.source_start
+            expected = torch.cat([torch.arange(sinks), torch.arange(num_rows - budget + sinks, num_rows)])
+            source = physical(block_rows[j], torch.arange(job.source_start, job.source_end))
+            dest = physical(block_rows[j], job.target.first_kept_slot + torch.arange(budget))
+            for layer in range(num_layers):
+                flat_before, flat_after = by_slot(before[layer]), by_slot(caches[layer])
+                got = recorder.kept[name][job.event][layer]
+                assert torch.equal(got, expected.expand(num_kv_heads, -1)), (name, event_index, layer)
+                keys = flat_before[source, :, :head_dim].transpose(0, 1)
+                assert torch.equal(got, policy.compress(None, keys, 1.0, budget, None).kept)
+                # K and V of every head move together
+                assert torch.equal(flat_after[dest], flat_before[source[expected]])
 
 
 @pytest.mark.parametrize("prompt_len", [30, 9])

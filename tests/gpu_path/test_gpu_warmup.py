@@ -1,6 +1,7 @@
 """The GPU runner's kernel warm-up (Triton interpreter on CPU, compiled on the GPU host):
 it runs scoring for both tile shapes and a compaction, and writes nothing to the cache;
-G-KV engines also compile the ring-row kernel, and G-KV alone the compaction."""
+G-KV engines also compile the ring-row kernel, and decode-time policies alone (gkv,
+streamingllm-decode) the compaction."""
 
 from types import SimpleNamespace
 
@@ -8,14 +9,14 @@ import pytest
 import torch
 
 from judgeq_vllm.kernels.score import triton as score_triton
-from judgeq_vllm.policies import ObservationSource, make_policy
+from judgeq_vllm.policies import GKVPolicy, ObservationSource, StreamingLLMDecodePolicy, make_policy
 from judgeq_vllm.vllm_adapter.gpu import warmup
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 NUM_KV_HEADS, NUM_Q_HEADS, HEAD_DIM, BLOCK_SIZE, NUM_LAYERS = 2, 4, 16, 16, 3
 
 
-def fake_runner(policy, num_blocks: int, table_width: int, layer_views=None, gkv_ring=None) -> SimpleNamespace:
+def fake_runner(policy, num_blocks: int, table_width: int, layer_views=None, gkv_policy=None, gkv_ring=None):
     cache = torch.randn(num_blocks, NUM_KV_HEADS, BLOCK_SIZE, 2 * HEAD_DIM, device=DEVICE)
     block_table = torch.zeros(4, table_width, dtype=torch.int32, device=DEVICE)
     return SimpleNamespace(
@@ -27,6 +28,7 @@ def fake_runner(policy, num_blocks: int, table_width: int, layer_views=None, gkv
             slot_mappings=torch.zeros(1, 64, dtype=torch.int64, device=DEVICE),
         ),
         layer_views=layer_views,
+        gkv_policy=gkv_policy,
         gkv_ring=gkv_ring,
         num_attention_layers=NUM_LAYERS,
         model_config=SimpleNamespace(get_num_attention_heads=lambda parallel_config: NUM_Q_HEADS),
@@ -79,21 +81,10 @@ def test_warm_up_runs_the_per_layer_offsets_on_the_runners_buffers(monkeypatch):
     assert not runner.block_tables.input_block_tables[0].any()
 
 
-@pytest.mark.parametrize("name", [None, "snapkv"])
-def test_warm_up_of_a_gkv_engine_compiles_ring_rows_and_compaction(name, monkeypatch):
-    """gkv (no prefill policy) and a prefill policy with G-KV: the ring-row kernel runs on
-    the runner's own buffers, a compaction runs, the cache is untouched."""
+def recording_compactions(monkeypatch) -> list[torch.dtype]:
+    """The kept-row dtype of every compaction the warm-up runs."""
     from judgeq_vllm.kernels.compact import triton as compact_triton
-    from judgeq_vllm.vllm_adapter.gpu.gkv_window import NO_SCHEDULE
 
-    ring = SimpleNamespace(
-        first_events=SimpleNamespace(gpu=torch.full((4,), NO_SCHEDULE, dtype=torch.int32, device=DEVICE)),
-        ring_rows=torch.full((64,), -1, dtype=torch.int64, device=DEVICE),
-        interval=128,
-        window=16,
-    )
-    runner = fake_runner(make_policy(name) if name else None, num_blocks=40, table_width=32, gkv_ring=ring)
-    before = runner.kv_caches[0].clone()
     compactions = []
     compact = compact_triton.compact_paged
 
@@ -103,8 +94,38 @@ def test_warm_up_of_a_gkv_engine_compiles_ring_rows_and_compaction(name, monkeyp
 
     monkeypatch.setattr(warmup, "compact_paged", recording_compact)
     monkeypatch.setattr(torch.accelerator, "synchronize", lambda *args: None)
+    return compactions
+
+
+@pytest.mark.parametrize("name", [None, "snapkv"])
+def test_warm_up_of_a_gkv_engine_compiles_ring_rows_and_compaction(name, monkeypatch):
+    """gkv (no prefill policy) and a prefill policy with G-KV: the ring-row kernel runs on
+    the runner's own buffers, a compaction runs, the cache is untouched."""
+    from judgeq_vllm.vllm_adapter.gpu.gkv_window import NO_SCHEDULE
+
+    ring = SimpleNamespace(
+        first_events=SimpleNamespace(gpu=torch.full((4,), NO_SCHEDULE, dtype=torch.int32, device=DEVICE)),
+        ring_rows=torch.full((64,), -1, dtype=torch.int64, device=DEVICE),
+        interval=128,
+        window=16,
+    )
+    runner = fake_runner(make_policy(name) if name else None, num_blocks=40, table_width=32, gkv_policy=GKVPolicy(),
+                         gkv_ring=ring)
+    before = runner.kv_caches[0].clone()
+    compactions = recording_compactions(monkeypatch)
     warmup.warm_up_kernels(runner)
     assert torch.equal(runner.kv_caches[0], before)
     assert compactions and set(compactions) == {torch.int64}
     # the spare row of a 4-slot ring of 16-query windows; the rest untouched
     assert ring.ring_rows[:2].tolist() == [4 * 16, -1]
+
+
+def test_warm_up_of_a_streaming_decode_engine_compiles_the_compaction(monkeypatch):
+    """streamingllm-decode (no prefill policy, no query ring): its events' compaction
+    runs once, in place, with serving's index dtypes."""
+    runner = fake_runner(None, num_blocks=40, table_width=32, gkv_policy=StreamingLLMDecodePolicy())
+    before = runner.kv_caches[0].clone()
+    compactions = recording_compactions(monkeypatch)
+    warmup.warm_up_kernels(runner)
+    assert torch.equal(runner.kv_caches[0], before)
+    assert compactions == [torch.int64]

@@ -68,3 +68,35 @@ def block_row(llm, engine_id):
     """The request's block table (null blocks where compaction freed the head)."""
     manager = engine_core(llm).scheduler.kv_cache_manager.coordinator.single_type_managers[0]
     return manager.req_to_blocks.get(engine_id, [])
+
+
+def step_checking_event_blocks(llm, engine_id, schedule, max_resident_blocks):
+    """Steps the engine until request ``engine_id`` (alone in it) ends, checking after every
+    step that a step that freed blocks freed exactly the head blocks below the first kept
+    slot of the event it ran, and that from its first event on the request never holds more
+    than ``max_resident_blocks``. Returns the computed-token counts at which blocks were freed."""
+    scheduler = engine_core(llm).scheduler
+    freed_at = []
+    while llm.llm_engine.has_unfinished_requests():
+        computed_before = scheduler.requests[engine_id].num_computed_tokens
+        row_before = list(block_row(llm, engine_id))
+        free_before = free_blocks(llm)
+        llm.llm_engine.step()
+        request = scheduler.requests.get(engine_id)
+        if request is None:
+            break
+        row = block_row(llm, engine_id)
+        allocated = len(row) - len(row_before)
+        freed = free_blocks(llm) - (free_before - allocated)
+        computed = request.num_computed_tokens
+        held = sum(not block.is_null for block in row)
+        if freed:
+            freed_at.append(computed)
+            layout = schedule.layout(computed)
+            assert all(block.is_null for block in row[: layout.freed_blocks])
+            assert not any(block.is_null for block in row[layout.freed_blocks :])
+            assert freed == layout.freed_blocks - sum(block.is_null for block in row_before)
+        if computed >= schedule.first_event:
+            assert held <= max_resident_blocks, f"{held} blocks held at {computed} tokens"
+        assert computed_before < computed
+    return freed_at

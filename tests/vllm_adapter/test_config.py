@@ -214,7 +214,7 @@ def test_pyramidkv_with_flashinfer_is_refused_on_gpu(monkeypatch):
 
 
 @pytest.mark.parametrize("backend", [None, "FLASH_ATTN", "TRITON_ATTN", "FLASHINFER"])
-@pytest.mark.parametrize("policy", ["gkv", "judgeq+gkv"])
+@pytest.mark.parametrize("policy", ["gkv", "judgeq+gkv", "streamingllm-decode"])
 def test_decode_time_eviction_is_accepted_on_gpu(monkeypatch, backend, policy):
     import vllm.platforms
 

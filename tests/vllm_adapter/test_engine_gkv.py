@@ -7,7 +7,17 @@ Two prompts: 140 tokens (compressed at the prefill, then every 32 steps) and 100
 
 import pytest
 import torch
-from engine_helpers import BLOCK_SIZE, add, block_row, engine_core, free_blocks, greedy, make_llm, model_runner, shutdown
+from engine_helpers import (
+    BLOCK_SIZE,
+    add,
+    engine_core,
+    free_blocks,
+    greedy,
+    make_llm,
+    model_runner,
+    shutdown,
+    step_checking_event_blocks,
+)
 
 from judgeq_vllm.policies import GKVPolicy
 from judgeq_vllm.reference import generate_gkv
@@ -91,31 +101,7 @@ def test_blocks_freed_at_every_event_and_resident_stays_bounded(llm, engine_prom
     scheduler = engine_core(llm).scheduler
     start = free_blocks(llm)
     engine_id = add(llm, "long-gkv", prompt, max_tokens=300)
-    schedule = scheduler.gkv_schedules[engine_id]
-    freed_at = []
-    while llm.llm_engine.has_unfinished_requests():
-        request = scheduler.requests[engine_id]
-        computed_before = request.num_computed_tokens
-        row_before = list(block_row(llm, engine_id))
-        free_before = free_blocks(llm)
-        llm.llm_engine.step()
-        request = scheduler.requests.get(engine_id)
-        if request is None:
-            break
-        row = block_row(llm, engine_id)
-        allocated = len(row) - len(row_before)
-        freed = free_blocks(llm) - (free_before - allocated)
-        computed = request.num_computed_tokens
-        held = sum(not block.is_null for block in row)
-        if freed:
-            freed_at.append(computed)
-            layout = schedule.layout(computed)
-            assert all(block.is_null for block in row[: layout.freed_blocks])
-            assert not any(block.is_null for block in row[layout.freed_blocks :])
-            assert freed == layout.freed_blocks - sum(block.is_null for block in row_before)
-        if computed >= schedule.first_event:
-            assert held <= MAX_RESIDENT_BLOCKS, f"{held} blocks held at {computed} tokens"
-        assert computed_before < computed
+    freed_at = step_checking_event_blocks(llm, engine_id, scheduler.gkv_schedules[engine_id], MAX_RESIDENT_BLOCKS)
     # the prefill event, then one every INTERVAL steps while blocks empty
     assert freed_at[0] == len(prompt) and len(freed_at) >= 6
     assert all(b - a == INTERVAL for a, b in zip(freed_at, freed_at[1:]))

@@ -2,7 +2,7 @@
 
 import pytest
 
-from judgeq_vllm.policies import GKVPolicy, KVBudget, make_policy
+from judgeq_vllm.policies import GKVPolicy, KVBudget, StreamingLLMDecodePolicy, make_policy
 from judgeq_vllm.soft_tokens import SoftTokens
 from judgeq_vllm.vllm_adapter import llm_kwargs
 from judgeq_vllm.vllm_adapter.config import EvictionConfig
@@ -96,6 +96,24 @@ def test_step_work_of_decode_steps_and_a_prefill_chunk():
     assert split_at_events(schedule, 150, 5) == 5
 
 
+@pytest.mark.parametrize("prompt_len", [100, 140])
+def test_a_policy_without_queries_gets_gkvs_events_and_no_captures(prompt_len):
+    """streamingllm-decode: the same events, jobs and layouts as G-KV's, no query window to
+    capture, and prefix hits capped by the first compaction's S alone."""
+    streaming = gkv_schedule(prompt_len, StreamingLLMDecodePolicy(interval=32), 112, BLOCK, 4, None)
+    gkv = schedule_for(prompt_len, 112)
+    assert streaming.first_event == gkv.first_event
+    for computed in range(prompt_len, prompt_len + 200):
+        job, capture = step_work(streaming, computed, 1)
+        assert capture is None
+        gkv_job, _ = step_work(gkv, computed, 1)
+        assert (job is None) == (gkv_job is None)
+        if job is not None:
+            assert (job.event, job.source_start, job.source_end) == (gkv_job.event, gkv_job.source_start, gkv_job.source_end)
+            assert job.target.first_kept_slot == gkv_job.target.first_kept_slot and job.target.keep == 112
+    assert streaming.prefix_hit_cap() == streaming.first_kept_slot == 16
+
+
 def test_prefix_caching_caps():
     schedule = schedule_for(140, 112)
     assert schedule.first_kept_slot == schedule.layout(140).first_kept_slot == 16
@@ -117,6 +135,13 @@ def test_settings_of_the_decode_policies():
     both = EvictionConfig.from_additional_config(llm_kwargs("judgeq+gkv", 256, soft_tokens="x")["additional_config"])
     assert both.prefill_policy == "judgeq" and both.build_decode_policy().interval == 128
     assert EvictionConfig.from_additional_config(llm_kwargs("snapkv", 256)["additional_config"]).build_decode_policy() is None
+    streaming = EvictionConfig.from_additional_config(
+        llm_kwargs("streamingllm-decode", 256, decode_interval=64, sinks=2)["additional_config"]
+    )
+    assert streaming.decodes and streaming.prefill_policy is None and streaming.build_policy() is None
+    assert streaming.build_decode_policy() == StreamingLLMDecodePolicy(sinks=2, interval=64)
+    default = EvictionConfig.from_additional_config(llm_kwargs("streamingllm-decode", 256)["additional_config"])
+    assert default.build_decode_policy() == StreamingLLMDecodePolicy(sinks=4, interval=128)
 
 
 @pytest.mark.parametrize(
@@ -134,8 +159,23 @@ def test_bad_decode_settings_name_the_fix(kwargs, message):
         EvictionConfig.from_additional_config(llm_kwargs("gkv", **kwargs)["additional_config"])
 
 
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"kv_budget": 0.5}, "streamingllm-decode needs a token budget"),
+        ({"kv_budget": 4}, r"the budget \(4 tokens\) must exceed the sinks \(4\)"),
+        ({"kv_budget": 256, "sinks": -1}, "sinks=-1 must be >= 0"),
+        ({"kv_budget": 256, "decode_interval": 0}, "--kv-decode-interval"),
+        ({"kv_budget": 256, "window": 16}, "'streamingllm-decode' has no parameter window; its parameters are: sinks"),
+    ],
+)
+def test_bad_streaming_decode_settings_name_the_fix(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        EvictionConfig.from_additional_config(llm_kwargs("streamingllm-decode", **kwargs)["additional_config"])
+
+
 def test_unknown_policy_lists_the_decode_policies():
-    with pytest.raises(ValueError, match="choose one of: none, gkv, h2o, judgeq, judgeq\\+gkv"):
+    with pytest.raises(ValueError, match="choose one of: none, gkv, .*, streamingllm, streamingllm-decode$"):
         EvictionConfig.from_additional_config(llm_kwargs("gkvv", 256)["additional_config"])
 
 
@@ -146,3 +186,7 @@ def test_cli_flags_reach_the_config(smollm2_dir):
                       "--judgeq-soft-tokens", "x.safetensors", "--kv-decode-interval", "64"])
     config = EvictionConfig.from_additional_config(args.additional_config)
     assert config.policy == "judgeq+gkv" and config.decode_interval == 64 and config.soft_tokens == "x.safetensors"
+    args = parse_cli(["--model", smollm2_dir, "--kv-eviction", "streamingllm-decode", "--kv-budget", "256",
+                      "--kv-sinks", "8", "--kv-decode-interval", "32"])
+    config = EvictionConfig.from_additional_config(args.additional_config)
+    assert config.build_decode_policy() == StreamingLLMDecodePolicy(sinks=8, interval=32)

@@ -69,7 +69,7 @@ class EvictionCPUMetadataBuilder(CPUAttentionMetadataBuilder):
 
 class EvictionCPUAttentionImpl(CPUAttentionBackendImpl):
     """After a layer's attention, compacts the prompts that end in this step, keeps the
-    query rows of G-KV windows, and runs the G-KV events that end in this step."""
+    query rows of G-KV windows, and runs the decode-time events that end in this step."""
 
     def forward(
         self,
@@ -157,9 +157,10 @@ class EvictionCPUAttentionImpl(CPUAttentionBackendImpl):
 
 
     def _compact_gkv(self, step_job: GKVStepJob, step: EvictionStep, layer, layer_idx: int, kv_cache: torch.Tensor) -> None:
-        """One G-KV event in one layer: scores the resident rows ``[source_start,
-        source_end)`` with the request's query window and its previous global scores, and
-        moves the kept rows and their scores to ``[S_i, S_i + b)``."""
+        """One decode-time event in one layer: selects among the resident rows ``[source_start,
+        source_end)`` (G-KV scores them with the request's query window and its previous
+        global scores; StreamingLLM needs neither) and moves the kept rows, and G-KV's
+        scores, to ``[S_i, S_i + b)``."""
         job, state, policy = step_job.job, step.gkv_state, step.gkv_state.policy
         key_cache, value_cache = split_kv_cache(kv_cache)
         block_size, head_dim = kv_cache.shape[2], key_cache.shape[-1]
@@ -169,12 +170,16 @@ class EvictionCPUAttentionImpl(CPUAttentionBackendImpl):
         source_blocks = step_job.block_ids[job.source_start // block_size :]
         num_rows = job.source_end - job.source_start
         keys = read_rows(key_cache, source_blocks, num_rows, layout.key_map)
-        scores = state.layer_scores(layer_idx, kv_cache.shape[0] * block_size, num_kv_heads)
         budget, window = job.target.keep, policy.window
+        # G-KV's running scores beside the cache (none for a policy that carries no score)
+        scores = None
+        if policy.carries_scores:
+            scores = state.layer_scores(layer_idx, kv_cache.shape[0] * block_size, num_kv_heads)
         previous = None
-        if job.has_previous_scores:
+        if scores is not None and job.has_previous_scores:
             previous = scores[_slots(step_job.block_ids, job.source_start + torch.arange(budget - window), block_size)].T
-        compression = policy.compress(state.windows[step_job.req_id][layer_idx], keys, self.scale, budget, previous)
+        queries = state.windows[step_job.req_id][layer_idx] if window else None
+        compression = policy.compress(queries, keys, self.scale, budget, previous)
         kept = compression.kept
         if step.gkv_recorder is not None:
             step.gkv_recorder.record(step_job.req_id, job.event, layer_idx, kept)
@@ -187,9 +192,10 @@ class EvictionCPUAttentionImpl(CPUAttentionBackendImpl):
             kept_keys, kept_values, key_cache, value_cache, slots, self.isa,
             layer._k_scale_float, layer._v_scale_float, self.kv_cache_dtype,
         )
-        # the scored rows come first in `kept` (ascending, the window rows last)
-        scores[slots[: budget - window]] = compression.global_scores.T
-        if layer_idx == state.num_layers - 1:
+        if scores is not None:
+            # the scored rows come first in `kept` (ascending, the window rows last)
+            scores[slots[: budget - window]] = compression.global_scores.T
+        if window and layer_idx == state.num_layers - 1:
             state.windows.pop(step_job.req_id)
 
 

@@ -1,4 +1,5 @@
-"""The G-KV events of one step on Model Runner V2: score, select, compact, carry ``F``.
+"""The decode-time events of one step on Model Runner V2: select (G-KV: score, carry
+``F``), compact.
 
 NOTE on the order (docs/engine-design.md §6.6). An event at ``T`` runs at the end of the
 step whose tokens end at ``T``, after the whole forward: every layer has attended over
@@ -10,6 +11,11 @@ kept rows goes to the physical slots of ``[S_i, S_i + b - w)``, where compaction
 those rows. Then one ``compact_paged`` launch moves every layer's kept K|V rows to
 ``[S_i, S_i + b)`` (it handles both directions of overlap). All on the model's stream,
 no host sync.
+
+StreamingLLM's decode variant (``streamingllm-decode``) reads no keys, no ring and no
+``F``: its kept rows, the sinks and the last ``b - sinks`` resident rows in every layer
+and head, follow from the resident counts alone (``StreamingLLMDecodePolicy.kept_rows``,
+which its CPU path uses too); the compaction is the same launch.
 
 ``F`` lives beside the KV cache: ``[L, num_blocks * bs, H_kv]`` fp32 indexed by physical
 slot, read only where the request's own previous event wrote it, so freeing blocks frees
@@ -26,7 +32,7 @@ import numpy as np
 import torch
 
 from ...kernels import compact_paged
-from ...policies import GKVPolicy
+from ...policies import DecodePolicy, StreamingLLMDecodePolicy
 from ..decode_plan import GKVJob
 from ..step import GKVEventRecorder
 from .gkv_scoring import GKVSelection, jobs_per_chunk, select_gkv
@@ -123,38 +129,51 @@ class GKVEventStep:
 
     Attributes:
         jobs: the step's events.
-        policy: G-KV's knobs.
+        policy: the decode-time policy (G-KV's knobs, or StreamingLLM's decode variant).
         recorder: where kept rows go, if a test asked for them (syncs: tests only).
         events: (start, end) CUDA events around the work, for its GPU time.
     """
 
     jobs: GKVEventJobs
-    policy: GKVPolicy
+    policy: DecodePolicy
     recorder: GKVEventRecorder | None = None
     events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = field(default_factory=list)
 
-    def run(self, kv_caches: list[torch.Tensor], ring: GKVQueryRing, scores: GKVScores, scale: float,
+    def run(self, kv_caches: list[torch.Tensor], ring: GKVQueryRing | None, scores: GKVScores | None, scale: float,
             timed: bool = True) -> None:
-        """Scores every layer and compacts them all (``timed``: CUDA events around it)."""
+        """Selects every layer's kept rows and compacts them all (``timed``: CUDA events
+        around it); ``ring`` and ``scores`` are G-KV's (``None`` for StreamingLLM)."""
         with self._timed() if timed else contextlib.nullcontext():
-            jobs, scored_rows = self.jobs, self.jobs.budget - self.policy.window
+            jobs = self.jobs
             kept_per_layer = []
             for layer, kv_cache in enumerate(kv_caches):
-                block_size = kv_cache.shape[2]
-                previous_slots = _physical_slots(jobs.block_rows, jobs.source_start, scored_rows, block_size)
-                selection = self._select(
-                    ring.windows(layer, jobs.slots), resident_keys(kv_cache, jobs), scores.read(layer, previous_slots),
-                    scale,
-                )
-                # the scored kept rows are the first b - w of [S_i, S_i + b)
-                scores.write(layer, _physical_slots(jobs.block_rows, jobs.dest_start, scored_rows, block_size),
-                             selection.global_scores)
-                kept_per_layer.append(selection.kept + jobs.source_start[:, None, None])
+                if isinstance(self.policy, StreamingLLMDecodePolicy):
+                    # the sinks and the recent rows, from the row counts alone: no keys read
+                    rows = self.policy.kept_rows(jobs.num_rows, jobs.budget)
+                    kept = rows[:, None].expand(-1, kv_cache.shape[1], -1)
+                else:
+                    kept = self._score_layer(layer, kv_cache, ring, scores, scale)
+                kept_per_layer.append(kept + jobs.source_start[:, None, None])
                 if self.recorder is not None:
                     for j, (req_id, job) in enumerate(zip(jobs.req_ids, jobs.jobs)):
-                        self.recorder.record(req_id, job.event, layer, selection.kept[j].cpu())
+                        self.recorder.record(req_id, job.event, layer, kept[j].cpu())
             compact_paged(kv_caches, jobs.block_rows, torch.stack(kept_per_layer), jobs.num_kept,
                           dest_start=jobs.dest_start)
+
+    def _score_layer(self, layer: int, kv_cache: torch.Tensor, ring: GKVQueryRing, scores: GKVScores,
+                     scale: float) -> torch.Tensor:
+        """G-KV's ``[J, H, b]`` kept rows of one layer; writes the new ``F`` of the scored
+        kept rows where compaction puts them."""
+        jobs, scored_rows = self.jobs, self.jobs.budget - self.policy.window
+        block_size = kv_cache.shape[2]
+        previous_slots = _physical_slots(jobs.block_rows, jobs.source_start, scored_rows, block_size)
+        selection = self._select(
+            ring.windows(layer, jobs.slots), resident_keys(kv_cache, jobs), scores.read(layer, previous_slots), scale
+        )
+        # the scored kept rows are the first b - w of [S_i, S_i + b)
+        scores.write(layer, _physical_slots(jobs.block_rows, jobs.dest_start, scored_rows, block_size),
+                     selection.global_scores)
+        return selection.kept
 
     def _select(self, queries, keys, previous, scale: float) -> GKVSelection:
         jobs = self.jobs

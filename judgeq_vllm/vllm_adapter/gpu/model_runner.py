@@ -18,11 +18,12 @@ whose batch reads a cache compacted with per-layer counts (``layer_views.py``); 
 steps, like compaction steps, never replay a FULL CUDA graph. Other policies build none
 of it.
 
-Decode-time eviction (G-KV) adds a query ring, filled inside every graph mode by each
-layer's attention (``gkv_window.py``), a global score beside the KV cache, and events run
-after the forward of the steps the scheduler tags (``gkv_events.py``); an event's layout
-becomes the request's plan row right after it ran, so the same offsets kernel serves
-every later token. Engines without G-KV build none of it.
+Decode-time eviction runs events after the forward of the steps the scheduler tags
+(``gkv_events.py``); an event's layout becomes the request's plan row right after it ran,
+so the same offsets kernel serves every later token. G-KV adds a query ring, filled
+inside every graph mode by each layer's attention (``gkv_window.py``), and a global score
+beside the KV cache; StreamingLLM's decode variant needs neither. Engines without a
+decode-time policy build none of it.
 """
 
 from __future__ import annotations
@@ -139,9 +140,11 @@ class EvictionGPUModelRunner(mrv2.GPUModelRunner):
             if self.eviction_policy is not None and self.eviction_policy.per_layer_budgets else None
         )
         self._layer_views_step = False
-        # G-KV only: the query ring (allocated before vLLM profiles memory, so the KV cache
-        # is sized around it), the global scores (with the KV cache) and this step's events
-        self.gkv_ring = self._make_gkv_ring(device) if self.gkv_policy is not None else None
+        # decode-time policies only: this step's events; for a policy that scores with
+        # queries (G-KV) the query ring (allocated before vLLM profiles memory, so the KV
+        # cache is sized around it), for one that carries scores the scores (with the KV cache)
+        scores_with_queries = self.gkv_policy is not None and self.gkv_policy.window > 0
+        self.gkv_ring = self._make_gkv_ring(device) if scores_with_queries else None
         self.gkv_scores: GKVScores | None = None
         self._gkv_scale = 1.0  # the attention layers' softmax scale, read at load
         self._gkv_jobs: dict = {}
@@ -157,7 +160,7 @@ class EvictionGPUModelRunner(mrv2.GPUModelRunner):
     def kv_cache_memory_share(self) -> float:
         """The part of the KV-cache memory the K|V rows get: G-KV's global scores take
         ``4 * H_kv`` bytes per token and layer beside them (docs/engine-design.md §6.3)."""
-        if self.gkv_policy is None:
+        if self.gkv_policy is None or not self.gkv_policy.carries_scores:
             return 1.0
         num_kv_heads = self.model_config.get_num_kv_heads(self.parallel_config)
         kv_bytes = 2 * num_kv_heads * self.model_config.get_head_size() * self.model_config.dtype.itemsize
@@ -236,7 +239,7 @@ class EvictionGPUModelRunner(mrv2.GPUModelRunner):
                 f"({self.block_tables.kernel_block_sizes[0]} vs {self.block_tables.block_sizes[0]})"
             )
         self.kernel_block_size = self.block_tables.kernel_block_sizes[0]
-        if self.gkv_policy is not None:
+        if self.gkv_policy is not None and self.gkv_policy.carries_scores:
             num_blocks, num_kv_heads, block_size, _ = self.kv_caches[0].shape
             self.gkv_scores = GKVScores(self.num_attention_layers, num_blocks * block_size, num_kv_heads, self.device)
         if self.cudagraph_manager is not None:
@@ -303,6 +306,7 @@ class EvictionGPUModelRunner(mrv2.GPUModelRunner):
             self._plan_rows.clear()
         if self.gkv_ring is not None:
             self.gkv_ring.apply_writes()
+        if self.gkv_policy is not None:
             # before dispatch (the guard reads it)
             self._gkv_jobs = getattr(scheduler_output, "judgeq_gkv_jobs", None) or {}
         if self.layer_views is not None:
@@ -345,8 +349,8 @@ class EvictionGPUModelRunner(mrv2.GPUModelRunner):
             )
         if self.gkv_ring is not None:
             self.gkv_ring.compute_rows(input_batch)
-            if self._gkv_jobs:
-                self._gkv_event_step = self._gkv_events()
+        if self._gkv_jobs:
+            self._gkv_event_step = self._gkv_events()
         return block_tables, slot_mappings
 
     def _gkv_events(self) -> GKVEventStep:

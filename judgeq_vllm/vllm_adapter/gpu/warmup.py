@@ -5,9 +5,9 @@ cache with a fake job: block ids 0.., read-only for scoring, and a compaction wh
 are all in place already (the kernel skips them, nothing is written). A second scoring
 pass with more than 16K keys in its jobs compiles the 128-key tile variant. The kernels
 take every per-step count as a runtime value (not specialised), so these two shapes are
-all a serving engine compiles. G-KV engines also compile the ring-row kernel (on the
-runner's own buffers) and, for G-KV alone (no prefill policy), the compaction; their
-scoring is plain torch.
+all a serving engine compiles. Decode-time engines without a prefill policy (``gkv``,
+``streamingllm-decode``) compile the compaction their events use, G-KV engines the
+ring-row kernel too (on the runner's own buffers); G-KV's scoring is plain torch.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ def warm_up_kernels(runner) -> None:
             long_len = min(longest, 8192)
             for prompt_len, num_jobs in ((min(256, longest), 1), (long_len, _WIDE_TILE_KEYS // long_len + 1)):
                 _warm_up_scoring(runner, policy, kv_cache, prompt_len, num_soft, num_jobs, table_width)
-    elif runner.gkv_ring is not None:
+    elif runner.gkv_policy is not None:
         _warm_up_compaction(kv_cache, table_width, keep=min(64, table_width * block_size))
     _warm_up_offsets(runner)
     if runner.layer_views is not None:
