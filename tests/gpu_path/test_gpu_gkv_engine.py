@@ -1,4 +1,4 @@
-"""G-KV (``gkv``, ``judgeq+gkv``) on the GPU engine path (GPU host only): SmolLM2 bf16 on
+"""Decode-time eviction (``gkv``, ``judgeq+gkv``, ``streamingllm-decode``) on the GPU engine path (GPU host only): SmolLM2 bf16 on
 Model Runner V2 with vLLM's defaults (FA3, FULL decode + PIECEWISE graphs, async
 scheduling), the same settings as ``test_gpu_engine.py`` (whose fixtures it uses).
 
@@ -91,9 +91,9 @@ def record_event_dispatch(runner) -> dict[str, list[str]]:
     return modes
 
 
-@pytest.mark.parametrize("name", ["gkv", "judgeq+gkv"])
+@pytest.mark.parametrize("name", ["gkv", "judgeq+gkv", "streamingllm-decode"])
 def test_events_match_the_reference(name, gkv_llm, prompts, hf_reference):
-    from judgeq_vllm.policies import GKVPolicy, make_policy
+    from judgeq_vllm.policies import GKVPolicy, StreamingLLMDecodePolicy, make_policy
     from judgeq_vllm.reference import generate_gkv
     from judgeq_vllm.soft_tokens import SoftTokens
     from judgeq_vllm.vllm_adapter.step import GKVEventRecorder
@@ -113,7 +113,10 @@ def test_events_match_the_reference(name, gkv_llm, prompts, hf_reference):
     stats = engine_core(llm).judgeq_stats()
     num_soft = runner.eviction_policy.num_observations if name == "judgeq+gkv" else 0
     shutdown(llm)
-    policy = GKVPolicy(window=WINDOW, interval=INTERVAL)
+    if name == "streamingllm-decode":
+        policy = StreamingLLMDecodePolicy(interval=INTERVAL)
+    else:
+        policy = GKVPolicy(window=WINDOW, interval=INTERVAL)
     prefill = make_policy("judgeq", soft_tokens=SoftTokens.load(ARTIFACT)) if name == "judgeq+gkv" else None
     agreement = {key: SetAgreement() for key in ("engine_vs_hf_bf16", "engine_vs_hf_fp32", "hf_bf16_vs_hf_fp32")}
     while_tokens_agree = {key: SetAgreement() for key in ("engine_vs_hf_fp32", "hf_bf16_vs_hf_fp32")}
