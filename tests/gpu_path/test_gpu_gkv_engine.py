@@ -1,5 +1,5 @@
-"""Decode-time eviction (``gkv``, ``judgeq+gkv``, ``streamingllm-decode``) on the GPU engine path (GPU host only): SmolLM2 bf16 on
-Model Runner V2 with vLLM's defaults (FA3, FULL decode + PIECEWISE graphs, async
+"""Decode-time eviction (``gkv``, ``judgeq+gkv``, ``streamingllm-decode``) on the GPU engine
+path (GPU host only): SmolLM2 bf16 on Model Runner V2 with vLLM's defaults (FA3, FULL decode + PIECEWISE graphs, async
 scheduling), the same settings as ``test_gpu_engine.py`` (whose fixtures it uses).
 
 - every event's kept (layer, kv head) rows against the HF reference in bf16 and fp32
