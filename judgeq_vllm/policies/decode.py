@@ -28,10 +28,14 @@ class DecodeCompression:
         global_scores: ``[num_kv_heads, m]`` the running score of the first ``m`` kept rows,
             which the next compression reads as ``previous`` (G-KV); ``None`` for policies
             that carry no score.
+        ranking: ``[num_kv_heads, L]`` the score every row was ranked by, ``inf`` for rows
+            kept whatever they score; ``None`` for positional policies. Tests use it to
+            tell a bf16 near-tie from a wrong choice.
     """
 
     kept: torch.Tensor
     global_scores: torch.Tensor | None
+    ranking: torch.Tensor | None = None
 
 
 class DecodePolicy:

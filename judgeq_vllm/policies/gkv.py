@@ -102,7 +102,8 @@ class GKVPolicy(DecodePolicy):
         final = self.mix_lambda * global_scores - (1.0 - self.mix_lambda) * self.redundancy_scores(keys)
         top = final.topk(budget - self.window, dim=-1).indices.sort(dim=-1).values
         window_rows = torch.arange(num_rows - self.window, num_rows).expand(keys.shape[0], -1)
-        return DecodeCompression(torch.cat([top, window_rows], dim=-1), global_scores.gather(1, top))
+        ranking = torch.cat([final, torch.full((keys.shape[0], self.window), float("inf"))], dim=-1)
+        return DecodeCompression(torch.cat([top, window_rows], dim=-1), global_scores.gather(1, top), ranking)
 
     def local_scores(self, queries: torch.Tensor, keys: torch.Tensor, scale: float) -> torch.Tensor:
         """``S``: per kv head, the mean over the window queries of the max over the group's

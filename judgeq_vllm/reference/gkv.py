@@ -50,6 +50,8 @@ class GKVEviction:
         kept: per layer, ``[num_kv_heads, budget]`` indices into those rows, ascending.
         kept_positions: per layer, ``[num_kv_heads, budget]`` the original token positions
             of the kept rows.
+        rankings: per layer, the policy's ``[num_kv_heads, resident]`` ranking scores
+            (``DecodeCompression.ranking``), or ``None`` for a positional policy.
     """
 
     forward_index: int
@@ -57,6 +59,7 @@ class GKVEviction:
     resident: int
     kept: list[torch.Tensor]
     kept_positions: list[torch.Tensor]
+    rankings: list[torch.Tensor | None]
 
 
 @dataclass
@@ -116,7 +119,7 @@ class _GKVState:
     ) -> None:
         """Compresses every layer; ``queries(layer)`` gives that layer's window (read only
         for a policy with one)."""
-        kept_per_layer, kept_positions = [], []
+        kept_per_layer, kept_positions, rankings = [], [], []
         resident = cache.layers[0].keys.shape[2]
         for layer, cache_layer in enumerate(cache.layers):
             window = queries(layer) if self.policy.window else None
@@ -125,10 +128,11 @@ class _GKVState:
             )
             self.previous[layer] = compression.global_scores
             kept_per_layer.append(compression.kept)
+            rankings.append(compression.ranking)
             self.positions[layer] = self.positions[layer].gather(1, compression.kept)
             kept_positions.append(self.positions[layer].clone())
         _compress_cache(cache, kept_per_layer)
-        self.evictions.append(GKVEviction(forward_index, num_tokens, resident, kept_per_layer, kept_positions))
+        self.evictions.append(GKVEviction(forward_index, num_tokens, resident, kept_per_layer, kept_positions, rankings))
 
 
 @torch.inference_mode()

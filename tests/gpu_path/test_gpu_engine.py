@@ -186,12 +186,14 @@ class SetAgreement:
         self.identical_by_layer: dict[int, list[int]] = {}
 
     def add(self, layer, got, expected, scores, protected):
-        """``scores``: [heads, n] the fp32 reference's scores of the layer; ``protected``: [n]."""
+        """``scores``: [heads, n] the fp32 reference's scores of the layer; ``protected``: [n].
+        Without scores (a positional policy) any difference is a wrong choice."""
         for head in range(expected.shape[0]):
             kept, reference = set(got[head].tolist()), set(expected[head].tolist())
             same = kept == reference
             self.identical += same
-            self.swap_distances.append(swap_distance(kept ^ reference, reference, scores[head], protected))
+            head_scores = None if scores is None else scores[head]
+            self.swap_distances.append(swap_distance(kept ^ reference, reference, head_scores, protected))
             self.total += 1
             self.overlap += len(kept & reference) / expected.shape[1]
             counts = self.identical_by_layer.setdefault(layer, [0, 0])
@@ -211,10 +213,12 @@ class SetAgreement:
         }
 
 
-def swap_distance(swapped: set[int], reference: set[int], scores: torch.Tensor, protected: torch.Tensor) -> float:
+def swap_distance(swapped: set[int], reference: set[int], scores: torch.Tensor | None, protected: torch.Tensor | None) -> float:
     """The largest ``|score - cut| / |cut|`` over the swapped tokens (protected tokens never swap)."""
     if not swapped:
         return 0.0
+    if scores is None:
+        return float("inf")
     scored = [t for t in reference if not protected[t]]
     if not scored:
         return float("inf")

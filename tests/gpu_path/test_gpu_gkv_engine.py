@@ -2,10 +2,10 @@
 path (GPU host only): SmolLM2 bf16 on Model Runner V2 with vLLM's defaults (FA3, FULL decode + PIECEWISE graphs, async
 scheduling), the same settings as ``test_gpu_engine.py`` (whose fixtures it uses).
 
-- every event's kept (layer, kv head) rows against the HF reference in bf16 and fp32
-  (reported; while the engine's tokens still equal the reference's, the engine must agree
-  with fp32 as well as HF's own bf16 does), greedy tokens reported, events at the same
-  token counts;
+- every event's kept (layer, kv head) rows against the HF reference in bf16 and fp32;
+  while the engine's tokens still equal the fp32 reference's, >= 99% of its sets must be
+  the fp32 reference's up to bf16 ties (no row swapped further from the cut than HF's own
+  bf16 run swaps any); greedy tokens reported; events at the same token counts;
 - event steps never replay a FULL graph, decode steps between events still do;
 - resident blocks bounded by ``cdiv(b + interval, bs) + 2`` after the first event, blocks
   freed per event exactly ``[S_{i-1}/bs, S_i/bs)``, pool back after completion and aborts
@@ -133,24 +133,34 @@ def test_events_match_the_reference(name, gkv_llm, prompts, hf_reference):
         # the first generated token whose pass differs from the fp32 reference's
         diverged_at = next((i for i, (a, b) in enumerate(zip(tokens, ref_fp32.token_ids)) if a != b), len(tokens))
         events = recorder.for_request(output.request_id)
-        assert sorted(events) == [e.num_tokens + num_soft for e in ref_bf16.evictions]
+        # soft tokens are appended only to a prompt Judge Q evicts (not to one within the budget)
+        soft = num_soft if ref_bf16.prefill_kept is not None else 0
+        assert sorted(events) == [e.num_tokens + soft for e in ref_bf16.evictions]
         for eviction_bf16, eviction_fp32 in zip(ref_bf16.evictions, ref_fp32.evictions):
-            layers = events[eviction_bf16.num_tokens + num_soft]
+            layers = events[eviction_bf16.num_tokens + soft]
             # the engine's event at T ran over the tokens fed before it: compare while equal
             tokens_agree = eviction_bf16.num_tokens - len(prompt) <= diverged_at
             events_compared += tokens_agree
             for layer, expected in enumerate(eviction_bf16.kept):
                 got = layers[layer].cpu()
                 assert got.shape == expected.shape
-                agreement["engine_vs_hf_bf16"].add(layer, got, expected)
-                agreement["engine_vs_hf_fp32"].add(layer, got, eviction_fp32.kept[layer])
-                agreement["hf_bf16_vs_hf_fp32"].add(layer, expected, eviction_fp32.kept[layer])
+                exact, ranking = eviction_fp32.kept[layer], eviction_fp32.rankings[layer]
+                # rows kept whatever they score (G-KV's window) rank at inf
+                protected = None if ranking is None else ranking[0].isinf()
+                agreement["engine_vs_hf_bf16"].add(layer, got, expected, ranking, protected)
+                agreement["engine_vs_hf_fp32"].add(layer, got, exact, ranking, protected)
+                agreement["hf_bf16_vs_hf_fp32"].add(layer, expected, exact, ranking, protected)
                 if tokens_agree:
-                    while_tokens_agree["engine_vs_hf_fp32"].add(layer, got, eviction_fp32.kept[layer])
-                    while_tokens_agree["hf_bf16_vs_hf_fp32"].add(layer, expected, eviction_fp32.kept[layer])
+                    while_tokens_agree["engine_vs_hf_fp32"].add(layer, got, exact, ranking, protected)
+                    while_tokens_agree["hf_bf16_vs_hf_fp32"].add(layer, expected, exact, ranking, protected)
+    # the bf16 tie tolerance: how far from the fp32 cut HF's own bf16 run swaps rows
+    tie_tolerance = while_tokens_agree["hf_bf16_vs_hf_fp32"].as_dict()["largest_swap_distance"]
+    within_ties = while_tokens_agree["engine_vs_hf_fp32"].fraction_within(tie_tolerance)
     RESULTS[name] = {
         **{key: value.as_dict() for key, value in agreement.items()},
         "while_tokens_agree": {key: value.as_dict() for key, value in while_tokens_agree.items()},
+        "bf16_tie_tolerance": tie_tolerance,
+        "engine_vs_hf_fp32_identical_within_bf16_ties_while_tokens_agree": within_ties,
         "events_compared_while_tokens_agree": events_compared,
         "identical_greedy_outputs_vs_hf_bf16": same_tokens,
         "prompts": len(chosen),
@@ -169,8 +179,7 @@ def test_events_match_the_reference(name, gkv_llm, prompts, hf_reference):
     assert stats["eviction_seconds_histogram"]["count"] >= 1
     assert compiled_while_serving == []
     assert events_compared >= 1
-    floor = while_tokens_agree["hf_bf16_vs_hf_fp32"].as_dict()["mean_overlap"]
-    assert while_tokens_agree["engine_vs_hf_fp32"].as_dict()["mean_overlap"] >= floor - 0.02
+    assert within_ties >= 0.99
 
 
 def add(llm, request_id, prompt, max_tokens):
