@@ -1,7 +1,7 @@
 """The GPU runner's kernel warm-up (Triton interpreter on CPU, compiled on the GPU host):
 it runs scoring for both tile shapes and a compaction, and writes nothing to the cache;
-G-KV engines also compile the ring-row kernel, and decode-time policies alone (gkv,
-streamingllm-decode) the compaction."""
+G-KV engines also compile the ring-row and key-similarity kernels, and decode-time
+policies alone (gkv, streamingllm-decode) the compaction."""
 
 from types import SimpleNamespace
 
@@ -113,9 +113,17 @@ def test_warm_up_of_a_gkv_engine_compiles_ring_rows_and_compaction(name, monkeyp
                          gkv_ring=ring)
     before = runner.kv_caches[0].clone()
     compactions = recording_compactions(monkeypatch)
+    similarity_keys = []
+    similarity = warmup.similarity_column_stats
+    monkeypatch.setattr(warmup, "similarity_column_stats",
+                        lambda keys, *args: similarity_keys.append(keys) or similarity(keys, *args))
     warmup.warm_up_kernels(runner)
     assert torch.equal(runner.kv_caches[0], before)
     assert compactions and set(compactions) == {torch.int64}
+    # the redundancy kernel, on keys of the cache's dtype and head layout
+    (keys,) = similarity_keys
+    cache = runner.kv_caches[0]
+    assert keys.dtype == cache.dtype and keys.shape[1] == cache.shape[1] and keys.shape[3] == cache.shape[3] // 2
     # the spare row of a 4-slot ring of 16-query windows; the rest untouched
     assert ring.ring_rows[:2].tolist() == [4 * 16, -1]
 

@@ -177,7 +177,7 @@ class GKVEventStep:
 
     def _select(self, queries, keys, previous, scale: float) -> GKVSelection:
         jobs = self.jobs
-        per_chunk = jobs_per_chunk(keys.shape[1], jobs.max_rows)
+        per_chunk = jobs_per_chunk(queries.shape[2], self.policy.window, jobs.max_rows)
         parts = [
             select_gkv(
                 self.policy, queries[start:end], keys[start:end], jobs.num_rows[start:end], previous[start:end],

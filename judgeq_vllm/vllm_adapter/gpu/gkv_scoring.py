@@ -2,10 +2,12 @@
 
 ``GKVPolicy.compress`` (``policies/gkv.py``) scores one request's resident rows; here the
 same formulas run over ``J`` requests at once, their rows padded to the longest (``N``)
-and masked, in plain torch: no host sync, no per-request Python. Each event scores at
-most ``b + interval`` rows (bounded by the budget, not the sequence), so the ``N x N`` key
-similarities of the redundancy term stay small; :func:`jobs_per_chunk` bounds how many
-requests share one batch.
+and masked: no host sync, no per-request Python. The local and global scores are plain
+torch; the redundancy term's ``N x N`` key similarities are never stored: one Triton
+launch (``kernels/similarity``) reduces them to three numbers per row. Each event scores
+at most ``b + interval`` rows (bounded by the budget, not the sequence);
+:func:`jobs_per_chunk` bounds how many requests share one batch (the local scores'
+``[J, H, group, w, N]`` logits).
 """
 
 from __future__ import annotations
@@ -14,12 +16,13 @@ from dataclasses import dataclass
 
 import torch
 
+from ...kernels import similarity_column_stats
 from ...policies import GKVPolicy
 
 # eps of the key-norm division in the authors' Triton similarity kernel (policies/gkv.py)
-_SIMILARITY_NORM_EPS = 1e-6
-# fp32 elements of one chunk's [J, H, N, N] similarity (and its masks): 64 Mi = 256 MiB
-_MAX_SIMILARITY_ELEMENTS = 64 * 2**20
+SIMILARITY_NORM_EPS = 1e-6
+# fp32 elements of one chunk's [J, Hq, w, N] local-score logits (and its softmax): 64 Mi = 256 MiB
+_MAX_LOGIT_ELEMENTS = 64 * 2**20
 
 
 @dataclass(frozen=True)
@@ -37,9 +40,9 @@ class GKVSelection:
     global_scores: torch.Tensor
 
 
-def jobs_per_chunk(num_kv_heads: int, max_rows: int) -> int:
-    """Requests scored together so that their similarity matrices stay under a bound."""
-    return max(1, _MAX_SIMILARITY_ELEMENTS // (num_kv_heads * max_rows * max_rows))
+def jobs_per_chunk(num_q_heads: int, window: int, max_rows: int) -> int:
+    """Requests scored together so that their local-score logits stay under a bound."""
+    return max(1, _MAX_LOGIT_ELEMENTS // (num_q_heads * window * max_rows))
 
 
 def select_gkv(
@@ -71,7 +74,7 @@ def select_gkv(
     local = _local_scores(queries, keys, rows, valid, num_rows, scale, window)
     local = _normalise(local.masked_fill(~scored[:, None], 0.0))
     global_scores = _global_scores(policy, local, previous, has_previous, rows)
-    redundancy = _redundancy_scores(policy, keys, rows, valid, scored, num_rows)
+    redundancy = _redundancy_scores(policy, keys, valid, scored, num_rows)
     final = policy.mix_lambda * global_scores - (1.0 - policy.mix_lambda) * redundancy
     final = final.masked_fill(~scored[:, None], float("-inf"))
     top = final.topk(budget - window, dim=-1).indices.sort(dim=-1).values
@@ -106,21 +109,21 @@ def _global_scores(policy: GKVPolicy, local, previous, has_previous, rows) -> to
     return torch.where(has[:, None], torch.maximum(policy.alpha * padded, local), local)
 
 
-def _redundancy_scores(policy: GKVPolicy, keys, rows, valid, scored, num_rows) -> torch.Tensor:
+def _redundancy_scores(policy: GKVPolicy, keys, valid, scored, num_rows) -> torch.Tensor:
     """``R`` (``GKVPolicy.redundancy_scores``) over each request's own rows, ``[J, H, N]``."""
-    keys = keys.float()
-    unit = keys / (keys.norm(dim=-1, keepdim=True) + _SIMILARITY_NORM_EPS)
-    similarity = unit @ unit.transpose(-1, -2)  # [J, H, row m, column n]
-    pairs = valid[:, None, :, None] & valid[:, None, None, :]
-    diagonal = rows[:, None] == rows[None, :]
-    similarity = similarity.masked_fill(~pairs | diagonal, 0.0)
-    # per column n, the largest row m above the threshold (-1: none) is spared
-    above = similarity > policy.similarity_threshold
-    last_row = torch.where(above, rows[None, None, :, None], -1).amax(dim=2)  # [J, H, N]
-    similarity = similarity.masked_fill(rows[None, None, :, None] == last_row[:, :, None, :], 0.0)
-    summed = similarity.sum(dim=-1) / num_rows[:, None, None]
+    stats = similarity_column_stats(keys, num_rows, policy.similarity_threshold, SIMILARITY_NORM_EPS)
+    summed = spared_row_sums(*stats) / num_rows[:, None, None]
     redundancy = torch.softmax(summed.masked_fill(~valid[:, None], float("-inf")), dim=-1)
     return _normalise(redundancy.masked_fill(~scored[:, None], 0.0))
+
+
+def spared_row_sums(colsum: torch.Tensor, last: torch.Tensor, last_value: torch.Tensor) -> torch.Tensor:
+    """Each row's summed similarity to the other rows, less its entries that some column
+    spares (the column's most recent row above the threshold), from the column statistics
+    of ``similarity_column_stats``: the matrix is symmetric, so row ``m``'s sum is column
+    ``m``'s, and column ``n`` spares ``last_value[n]`` from row ``last[n]``."""
+    spared = torch.where(last >= 0, last_value, 0.0)
+    return colsum - torch.zeros_like(colsum).scatter_add_(-1, last.clamp(min=0).long(), spared)
 
 
 def _normalise(scores: torch.Tensor) -> torch.Tensor:

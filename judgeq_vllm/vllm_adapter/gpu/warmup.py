@@ -7,16 +7,18 @@ pass with more than 16K keys in its jobs compiles the 128-key tile variant. The 
 take every per-step count as a runtime value (not specialised), so these two shapes are
 all a serving engine compiles. Decode-time engines without a prefill policy (``gkv``,
 ``streamingllm-decode``) compile the compaction their events use, G-KV engines the
-ring-row kernel too (on the runner's own buffers); G-KV's scoring is plain torch.
+ring-row kernel (on the runner's own buffers) and the key-similarity kernel of the
+redundancy term; the rest of G-KV's scoring is plain torch.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ...kernels import compact_paged
+from ...kernels import compact_paged, similarity_column_stats
 from ...policies import ObservationSource
 from ..plan import EvictionPlan
+from .gkv_scoring import SIMILARITY_NORM_EPS
 from .gkv_window import NO_SCHEDULE, apply_gkv_ring_rows
 from .offsets import NO_PLAN, PLAN_FIELDS, apply_eviction_offsets, apply_layer_eviction_offsets
 from .selection import build_jobs, score_layer, select_kept
@@ -46,6 +48,7 @@ def warm_up_kernels(runner) -> None:
         _warm_up_layer_offsets(runner)
     if runner.gkv_ring is not None:
         _warm_up_ring_rows(runner)
+        _warm_up_similarity(kv_cache, runner.gkv_policy)
     torch.accelerator.synchronize()
 
 
@@ -134,6 +137,15 @@ def _warm_up_ring_rows(runner) -> None:
         interval=ring.interval,
         window=ring.window,
     )
+
+
+def _warm_up_similarity(kv_cache, policy) -> None:
+    # keys laid out as an event gathers them ([J, N, H, D] seen as [J, H, N, D]), in the
+    # cache's dtype, with int64 row counts: serving's argument types
+    num_kv_heads, head_dim, rows = kv_cache.shape[1], kv_cache.shape[-1] // 2, 64
+    keys = torch.zeros(1, rows, num_kv_heads, head_dim, dtype=kv_cache.dtype, device=kv_cache.device).transpose(1, 2)
+    num_rows = torch.full((1,), rows, dtype=torch.int64, device=kv_cache.device)
+    similarity_column_stats(keys, num_rows, policy.similarity_threshold, SIMILARITY_NORM_EPS)
 
 
 def _warm_up_layer_offsets(runner) -> None:
