@@ -58,3 +58,23 @@ def test_readme_without_markers_is_refused(tmp_path):
     readme.write_text("# project\n")
     with pytest.raises(SystemExit, match="benchmark-results:begin"):
         report.main(["--results", str(tmp_path), "--readme", str(readme)])
+
+
+def test_ruler_overview_joins_runs_split_by_policy():
+    """Two RULER runs of one setting (split by policy) make one table per protocol with
+    every policy, full KV from the runs, and Judge Q's lead over SnapKV."""
+    from benchmarks.report import ruler_overview
+
+    def run(policies, scores):
+        rows = [{"policy": "vanilla", "budget": None, "protocol": "full", "seq_len": 4096, "average": 35.0}]
+        rows += [{"policy": p, "budget": b, "protocol": "query_agnostic", "seq_len": 4096, "average": scores[p][i]}
+                 for p in policies for i, b in enumerate([128, 0.5])]
+        return {"config": "smollm2", "data": {"num_samples": 10}, "budgets": [128], "ratios": [0.5], "results": rows}
+
+    scores = {"judgeq": [5.0, 20.0], "snapkv": [4.0, 22.5], "h2o": [1.0, 2.0]}
+    lines = ruler_overview([run(["judgeq", "snapkv"], scores), run(["h2o"], scores)])
+    text = "\n".join(lines)
+    assert "4096 tokens, query-agnostic" in text and "full KV: 35.0" in text
+    assert "| h2o | 1.0 | 2.0 |" in lines and "| judgeq - snapkv | +1.0 | -2.5 |" in lines
+    # a single run's own table says it all: no overview
+    assert ruler_overview([run(["judgeq", "snapkv"], scores)]) == []
