@@ -90,7 +90,10 @@ class StepRecorder:
         def timed_execute(scheduler_output, *args, **kwargs):
             event = torch.cuda.Event(enable_timing=True)
             event.record()
-            jobs = len(getattr(scheduler_output, "judgeq_jobs", None) or ())
+            # prefill compactions and G-KV events (decode-time compactions)
+            jobs = len(getattr(scheduler_output, "judgeq_jobs", None) or ()) + len(
+                getattr(scheduler_output, "judgeq_gkv_jobs", None) or ()
+            )
             self.steps.append((event, len(scheduler_output.num_scheduled_tokens), scheduler_output.total_num_scheduled_tokens, jobs))
             started = time.perf_counter()
             try:
@@ -110,9 +113,10 @@ class StepRecorder:
         self.steps: list[tuple[torch.cuda.Event, int, int, int]] = []
         self.jit_compiles: list[str] = []
 
-    def step_summary(self) -> dict:
+    def step_summary(self, detail: bool = True) -> dict:
         """Where the time went: GPU-timeline periods between step starts, split by steps
-        with and without compaction jobs, host seconds, and kernels compiled mid-run."""
+        with and without compaction jobs, host seconds, and kernels compiled mid-run;
+        ``detail``: every step's shape, else the median period per batch size."""
         torch.cuda.synchronize()
         periods = [start.elapsed_time(end) for (start, *_), (end, *_) in zip(self.steps, self.steps[1:])]
         with_jobs = [period for period, (_, _, _, jobs) in zip(periods, self.steps) if jobs]
@@ -125,8 +129,21 @@ class StepRecorder:
             "schedule_host_s": round(self.schedule_s, 3),
             "execute_host_s": round(self.execute_s, 3),
             "jit_compiles": self.jit_compiles,
-            # (requests, tokens, jobs, ms to the next step's start), for a look at the shape
-            "step_detail": [(reqs, tokens, jobs, round(period, 2)) for (_, reqs, tokens, jobs), period in zip(self.steps, periods)],
+            **({"step_detail": self._step_detail(periods)} if detail else {"median_ms_by_batch": self._by_batch(periods)}),
+        }
+
+    def _step_detail(self, periods: list[float]) -> list[tuple]:
+        # (requests, tokens, jobs, ms to the next step's start), for a look at the shape
+        return [(reqs, tokens, jobs, round(period, 2)) for (_, reqs, tokens, jobs), period in zip(self.steps, periods)]
+
+    def _by_batch(self, periods: list[float]) -> dict[str, dict]:
+        """Per number of requests in the step: steps and median period, without and with jobs."""
+        groups: dict[tuple[int, bool], list[float]] = {}
+        for (_, reqs, _, jobs), period in zip(self.steps, periods):
+            groups.setdefault((reqs, bool(jobs)), []).append(period)
+        return {
+            f"{reqs}{' with jobs' if jobs else ''}": {"steps": len(values), "median_ms": round(sorted(values)[len(values) // 2], 3)}
+            for (reqs, jobs), values in sorted(groups.items())
         }
 
     def decode_step_ms(self, batch: int) -> dict:
@@ -194,8 +211,8 @@ def run_engine(model_dir: str, policy: str | None, artifact: str, part: dict, ma
     if recorder is not None:
         result.update(preemptions=recorder.preemptions, most_running=recorder.most_running,
                       **recorder.decode_step_ms(part["num_requests"]))
-        if part_name == "prefill":
-            result["step_summary"] = recorder.step_summary()
+        if part_name in ("prefill", "long-decode"):
+            result["step_summary"] = recorder.step_summary(detail=part_name == "prefill")
     if policy is not None:
         client = llm.llm_engine.engine_core
         result["eviction_stats"] = core.judgeq_stats() if core is not None else client.call_utility("judgeq_stats")
