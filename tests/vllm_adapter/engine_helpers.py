@@ -53,6 +53,22 @@ def greedy(llm, prompts, max_tokens=MAX_NEW_TOKENS, **sampling):
     return outputs
 
 
+def greedy_recording_events(llm, prompts, max_tokens):
+    """Greedy outputs (no EOS stop) with every decode-time event's kept rows recorded by
+    the model runner; checks that the pool is whole again afterwards."""
+    from judgeq_vllm.vllm_adapter.step import GKVEventRecorder
+
+    runner = model_runner(llm)
+    recorder = runner.gkv_event_recorder = GKVEventRecorder()
+    start = free_blocks(llm)
+    try:
+        outputs = greedy(llm, prompts, max_tokens=max_tokens, ignore_eos=True)
+    finally:
+        runner.gkv_event_recorder = None
+    assert free_blocks(llm) == start
+    return outputs, recorder
+
+
 def add(llm, request_id, prompt, max_tokens):
     """Adds a greedy request (no EOS stop) without stepping; returns its id inside the engine."""
     from vllm import SamplingParams

@@ -13,6 +13,7 @@ from engine_helpers import (
     engine_core,
     free_blocks,
     greedy,
+    greedy_recording_events,
     make_llm,
     model_runner,
     shutdown,
@@ -48,13 +49,7 @@ def references(reference_model, engine_prompts):
 
 
 def test_engine_keeps_what_the_reference_keeps(llm, engine_prompts, references):
-    recorder = model_runner(llm).gkv_event_recorder = GKVEventRecorder()
-    start = free_blocks(llm)
-    try:
-        outputs = greedy(llm, [engine_prompts[i] for i in PROMPT_INDICES], max_tokens=NEW_TOKENS, ignore_eos=True)
-    finally:
-        model_runner(llm).gkv_event_recorder = None
-    assert free_blocks(llm) == start
+    outputs, recorder = greedy_recording_events(llm, [engine_prompts[i] for i in PROMPT_INDICES], NEW_TOKENS)
     same_sets = total_sets = 0
     differing = []
     for output, reference in zip(outputs, references):

@@ -15,6 +15,7 @@ from engine_helpers import (
     engine_core,
     free_blocks,
     greedy,
+    greedy_recording_events,
     make_llm,
     model_runner,
     shutdown,
@@ -24,7 +25,6 @@ from engine_helpers import (
 from judgeq_vllm.policies import StreamingLLMDecodePolicy
 from judgeq_vllm.reference import generate_gkv
 from judgeq_vllm.vllm_adapter import llm_kwargs
-from judgeq_vllm.vllm_adapter.step import GKVEventRecorder
 
 POLICY = "streamingllm-decode"
 BUDGET, INTERVAL, SINKS = 112, 32, 4
@@ -52,13 +52,7 @@ def references(reference_model, engine_prompts):
 
 def test_engine_keeps_what_the_reference_keeps(llm, engine_prompts, references):
     runner = model_runner(llm)
-    recorder = runner.gkv_event_recorder = GKVEventRecorder()
-    start = free_blocks(llm)
-    try:
-        outputs = greedy(llm, [engine_prompts[i] for i in PROMPT_INDICES], max_tokens=NEW_TOKENS, ignore_eos=True)
-    finally:
-        runner.gkv_event_recorder = None
-    assert free_blocks(llm) == start
+    outputs, recorder = greedy_recording_events(llm, [engine_prompts[i] for i in PROMPT_INDICES], NEW_TOKENS)
     # G-KV's schedule: the 140-token prompt at the prefill and 4 decode events, the 100-token one 4 decode events
     assert [e.num_tokens for e in references[0].evictions] == [140, 172, 204, 236, 268]
     assert [e.num_tokens for e in references[1].evictions] == [132, 164, 196, 228]
