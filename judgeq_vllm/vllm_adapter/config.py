@@ -290,6 +290,8 @@ def _check_engine_features(vllm_config: Any, policy: str) -> None:
         "pipeline parallelism": vllm_config.parallel_config.pipeline_parallel_size > 1,
         "tensor parallelism (untested)": vllm_config.parallel_config.tensor_parallel_size > 1,
         "decode context parallelism": vllm_config.parallel_config.decode_context_parallel_size > 1,
+        # a prompt's tokens split across ranks: no rank holds all the keys a plan scores
+        "prefill context parallelism": vllm_config.parallel_config.prefill_context_parallel_size > 1,
         "KV-cache connectors": vllm_config.kv_transfer_config is not None,
         "prompt embeddings (--enable-prompt-embeds)": vllm_config.model_config.enable_prompt_embeds,
         "--kv-sharing-fast-prefill": vllm_config.cache_config.kv_sharing_fast_prefill,

@@ -184,7 +184,8 @@ def gpu_engine_features(backend):
         speculative_config=None,
         kv_transfer_config=None,
         parallel_config=SimpleNamespace(
-            pipeline_parallel_size=1, tensor_parallel_size=1, decode_context_parallel_size=1, data_parallel_size=1
+            pipeline_parallel_size=1, tensor_parallel_size=1, decode_context_parallel_size=1, data_parallel_size=1,
+            prefill_context_parallel_size=1,
         ),
         model_config=SimpleNamespace(enable_prompt_embeds=False, enforce_eager=False),
         cache_config=SimpleNamespace(kv_sharing_fast_prefill=False, cache_dtype="auto"),
@@ -211,6 +212,24 @@ def test_pyramidkv_with_flashinfer_is_refused_on_gpu(monkeypatch):
     _check_engine_features(gpu_engine_features("FLASHINFER"), "snapkv")
     with pytest.raises(ValueError, match="pyramidkv's per-layer budgets with the FLASHINFER attention backend"):
         _check_engine_features(gpu_engine_features("FLASHINFER"), "pyramidkv")
+
+
+@pytest.mark.parametrize(
+    "field, name",
+    [("tensor_parallel_size", "tensor parallelism"), ("pipeline_parallel_size", "pipeline parallelism"),
+     ("prefill_context_parallel_size", "prefill context parallelism"),
+     ("decode_context_parallel_size", "decode context parallelism"), ("data_parallel_size", "data parallelism")],
+)
+def test_parallelism_is_refused_by_name(monkeypatch, field, name):
+    import vllm.platforms
+
+    from judgeq_vllm.vllm_adapter.config import _check_engine_features
+
+    monkeypatch.setattr(vllm.platforms, "current_platform", _Platform("cuda"))
+    config = gpu_engine_features("FLASH_ATTN")
+    setattr(config.parallel_config, field, 2)
+    with pytest.raises(ValueError, match=f"--kv-eviction does not support {name}"):
+        _check_engine_features(config, "snapkv")
 
 
 @pytest.mark.parametrize("backend", [None, "FLASH_ATTN", "TRITON_ATTN", "FLASHINFER"])
