@@ -134,7 +134,10 @@ def test_per_request_settings_over_http(server, client, tokenizer, long_text):
     assert after["judgeq:blocks_freed_total"] > before["judgeq:blocks_freed_total"]
     assert after["judgeq:eviction_step_seconds_sum"] > before["judgeq:eviction_step_seconds_sum"]
     assert after["judgeq:compression_ratio_bucket{le=+Inf}"] == after["judgeq:compression_ratio_count"]
-    assert after["judgeq:kv_free_blocks"] == after["judgeq:kv_total_blocks"] > 0  # idle: every block free
+    # idle: every block free. Under async scheduling a finished request's blocks come back one
+    # step after its last token has reached the client, so the gauge may lag its response
+    idle = settled_samples(server, {"judgeq:kv_free_blocks": after["judgeq:kv_total_blocks"]})
+    assert idle["judgeq:kv_free_blocks"] == idle["judgeq:kv_total_blocks"] > 0
 
 
 INVALID_SETTINGS = [
