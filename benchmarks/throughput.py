@@ -27,10 +27,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import math
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -248,13 +250,17 @@ def main(argv: list[str] | None = None) -> Path:
         )
         report = {**header, **describe(run, spec), "soft_tokens": soft_tokens_description}
         report.update(offline=[], online=[], online_servers=[])
+        # a run that is cut short (a host's time limit) still leaves every finished engine's rows
+        partial = args.out / f"{stem}.partial.json"
+        checkpoint = functools.partial(write_json, partial, report)
         if "offline" in modes:
-            report["offline"] = run_offline_grid(run, run.prompts(tokenizer, config.num_requests, args.seed))
+            run_offline_grid(run, run.prompts(tokenizer, config.num_requests, args.seed), report["offline"], checkpoint)
         if "online" in modes:
             prompts = run.prompts(tokenizer, config.online_requests, args.seed + 1)
-            report["online"], report["online_servers"] = run_online_grid(run, prompts, server_logs_dir(stem))
+            run_online_grid(run, prompts, server_logs_dir(stem), report["online"], report["online_servers"], checkpoint)
     report["plots"] = write_plots(report, args.out, stem)
     path = write_json(args.out / f"{stem}.json", report)
+    partial.unlink(missing_ok=True)
     print(format_tables(report))
     print(f"wrote {path}")
     return path
@@ -298,19 +304,20 @@ NOTES = (
 )
 
 
-def run_offline_grid(run: Run, prompts: list[list[int]]) -> list[dict]:
+def run_offline_grid(run: Run, prompts: list[list[int]], rows: list[dict], checkpoint: Callable[[], Any]) -> None:
+    """Appends one row per (engine, setting) to ``rows``, calling ``checkpoint`` after each engine."""
     from .offline import run_offline
 
     bytes_per_token = kv_bytes_per_token(run.model_dir, run.config.dtype)
-    rows = []
     for engine_run in offline_runs(list(run.config.policies), run.budgets, run.pools):
         kwargs = run.engine_kwargs(engine_run.pool_tokens) | engine_run.engine.eviction_kwargs(run.soft_tokens)
         results = run_offline(kwargs, list(engine_run.batches), prompts, run.config.output_len)
         for setting, result in zip(engine_run.batches, results, strict=True):
             result["eviction"]["freed_gib"] = freed_gib(result["eviction"]["blocks_freed"], bytes_per_token)
             rows.append({**setting.as_dict(), "pool_tokens": engine_run.pool_tokens, **result})
-    add_speed_ratios(rows, "pool_tokens")
-    return rows
+        # vanilla runs first at every pool, so each policy row has its baseline here
+        add_speed_ratios(rows, "pool_tokens")
+        checkpoint()
 
 
 def freed_gib(blocks: int, bytes_per_token: int) -> float:
@@ -324,14 +331,16 @@ def add_speed_ratios(rows: list[dict], matched_on: str) -> None:
         row["speed_ratio"] = round(row["output_tok_s"] / vanilla[row[matched_on]], 4)
 
 
-def run_online_grid(run: Run, prompts: list[list[int]], logs: Path) -> tuple[list, list]:
+def run_online_grid(
+    run: Run, prompts: list[list[int]], logs: Path, rows: list[dict], servers: list[dict], checkpoint: Callable[[], Any]
+) -> None:
     """One server for vanilla and one per policy, on the reference pool; each policy's
-    server takes every budget (per request) at every request rate."""
+    server takes every budget (per request) at every request rate. Appends to ``rows``
+    and ``servers``, calling ``checkpoint`` after each server."""
     from .serving import engine_flags, eviction_totals, local_server, run_load
 
     pool = reference(run.pools)
     flags = engine_flags(run.engine_kwargs(pool))
-    rows, servers = [], []
     for engine in [Setting()] + [Setting(policy, reference(run.budgets)) for policy in run.config.policies]:
         settings = [engine] if engine.policy is None else [Setting(engine.policy, budget) for budget in run.budgets]
         log_path = logs / f"{engine.policy or VANILLA}.log"
@@ -347,8 +356,8 @@ def run_online_grid(run: Run, prompts: list[list[int]], logs: Path) -> tuple[lis
             "policy": engine.policy or VANILLA, "startup_s": round(startup_s, 1), "exit_code": server.process.returncode,
             "eviction_totals": totals, "log": str(log_path),
         })
-    add_speed_ratios(rows, "request_rate")
-    return rows, servers
+        add_speed_ratios(rows, "request_rate")
+        checkpoint()
 
 
 def online_row(run: Run, url: str, setting: Setting, rate: float, prompts: list[list[int]]) -> dict[str, Any]:

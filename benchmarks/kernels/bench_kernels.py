@@ -41,6 +41,9 @@ BLOCK_SIZE, N_SOFT, KEPT = 16, 32, 1024
 PROMPTS, BATCHES, SWEEP_PROMPT = (8192, 32768, 131072), (1, 16), 32768
 # (name fragment, peak HBM GB/s) from the vendors' data sheets, most specific first
 PEAK_HBM_GBPS = [("H200", 4800), ("H100 NVL", 3900), ("H100 PCIe", 2000), ("H100", 3350)]
+# the defaults' neighbours, one parameter changed at a time, then the batch-1 grid (chunk x
+# tile x pipeline depth x warps) where a program's fixed costs weigh most: every row is also
+# timed from a CUDA graph, since eager batch-1 calls are bound by the launcher's host time
 SWEEP = [
     ScoreConfig(),
     ScoreConfig(block_n=64),
@@ -54,6 +57,14 @@ SWEEP = [
     ScoreConfig(chunk=1024),
     ScoreConfig(chunk=2048),
     ScoreConfig(chunk=4096),
+]
+SWEEP_B1 = [
+    ScoreConfig(chunk=chunk, block_n=block_n, num_stages=stages, num_warps=warps)
+    for chunk in (256, 512, 1024, 2048)
+    for block_n in (64, 128)
+    for stages in (2, 3, 4)
+    for warps in (4, 8)
+    if chunk >= 2 * block_n
 ]
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -109,11 +120,11 @@ def main() -> None:
             report["topk"].append(bench_topk(T, B))
             report["compact"].append(bench_compact(T, B, peak))
     if not args.no_sweep:
-        for B in BATCHES:
-            for cfg in SWEEP:
-                row = bench_score(SWEEP_PROMPT, B, peak, cfg, profile=False)
-                row["config"] = {k: v for k, v in vars(cfg).items()}
-                report["sweep"].append(row)
+        grid = [(B, cfg) for B in BATCHES for cfg in SWEEP] + [(1, cfg) for cfg in SWEEP_B1]
+        for B, cfg in grid:
+            row = bench_score(SWEEP_PROMPT, B, peak, cfg, profile=False)
+            row["config"] = {k: v for k, v in vars(cfg).items()}
+            report["sweep"].append(row)
 
     args.out.mkdir(parents=True, exist_ok=True)
     slug = re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-")
@@ -184,12 +195,14 @@ def bench_score(T: int, B: int, peak: float | None, cfg: ScoreConfig, profile: b
         "pct_peak_hbm": 100 * bytes_moved / ms / 1e6 / peak if peak else None,
         "k_bytes_once": B * key_len * k_row,
     }
+    timings = [("graph", _bench_graph(run))]
     if profile:
         row["kernels_ms"] = _profile(run)
         row["host_us"] = _host_us(run)
-        for key, t in (("graph", _bench_graph(run)), ("clean_l2", _bench_clean_l2(run))):
-            row[f"{key}_ms"] = t
-            row[f"{key}_pct_peak_hbm"] = 100 * bytes_moved / t / 1e6 / peak if peak else None
+        timings.append(("clean_l2", _bench_clean_l2(run)))
+    for key, t in timings:
+        row[f"{key}_ms"] = t
+        row[f"{key}_pct_peak_hbm"] = 100 * bytes_moved / t / 1e6 / peak if peak else None
     del cache, queries
     torch.cuda.empty_cache()
     return row
@@ -322,8 +335,8 @@ def print_tables(report: dict) -> None:
         print("\nScoreConfig sweep at 32K tokens")
         for r in report["sweep"]:
             cfg = ", ".join(f"{k}={v}" for k, v in r["config"].items() if k != "chunk")
-            print(f"  B={r['batch']:<3} {r['ms']:>8.3f} ms {_pct(r['pct_peak_hbm']):>6}%  "
-                  f"chunk={r['chunk']}, {cfg}")
+            print(f"  B={r['batch']:<3} {r['ms']:>8.3f} ms {_pct(r['pct_peak_hbm']):>6}%  graph "
+                  f"{r['graph_ms']:>7.3f} ms {_pct(r['graph_pct_peak_hbm']):>6}%  chunk={r['chunk']}, {cfg}")
 
 
 def _pct(x: float | None) -> str:

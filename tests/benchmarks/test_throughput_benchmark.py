@@ -82,6 +82,26 @@ def test_speed_ratios_are_against_vanilla_at_the_same_pool():
     assert [row["speed_ratio"] for row in rows] == [1.0, 1.0, 1.5, 1.5]
 
 
+def test_offline_grid_checkpoints_every_engine_with_its_ratios(monkeypatch, tmp_path):
+    """A run cut short by a host's time limit keeps each finished engine's rows, ratios included."""
+    import benchmarks.offline
+    from benchmarks.throughput import CONFIGS, Run, run_offline_grid
+
+    def fake_run_offline(engine_kwargs, batches, prompts, output_len):
+        speed = 10.0 if batches[0].policy is None else 30.0
+        return [{"output_tok_s": speed, "eviction": {"blocks_freed": 2}} for _ in batches]
+
+    monkeypatch.setattr(benchmarks.offline, "run_offline", fake_run_offline)
+    monkeypatch.setattr("benchmarks.throughput.kv_bytes_per_token", lambda model_dir, dtype: 1024)
+    run = Run(
+        config=CONFIGS["smoke"], model_dir=tmp_path, soft_tokens=None, budgets=[KVBudget(tokens=64)],
+        pools=[1536], enforce_eager=True, extra_engine_args={}, seed=0,
+    )
+    rows, seen = [], []
+    run_offline_grid(run, [[1, 2, 3]], rows, lambda: seen.append([(r["policy"], r["speed_ratio"]) for r in rows]))
+    assert seen == [[("vanilla", 1.0)], [("vanilla", 1.0), ("snapkv", 3.0)]]
+
+
 def test_smoke_result_records_where_it_comes_from(throughput_smoke):
     path, report = throughput_smoke
     assert report["kind"] == "throughput" and report["config"] == "smoke"
@@ -89,6 +109,7 @@ def test_smoke_result_records_where_it_comes_from(throughput_smoke):
     assert report["command"].startswith("python -m benchmarks.throughput --config smoke")
     assert "Q4_1" in report["model"]["description"]
     assert path.name.startswith("smoke-cpu-") and path.suffix == ".json"
+    assert not list(path.parent.glob("*.partial.json"))  # the checkpoint goes once the run is complete
 
 
 def test_smoke_offline_frees_the_planned_blocks_and_runs_more_requests_together(throughput_smoke):
