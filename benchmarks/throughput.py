@@ -21,6 +21,12 @@ Speed is reported as a ratio against vanilla measured in the same run, at the sa
 (offline) or the same request rate (online); memory saved as the blocks the engine
 actually returned to its pool (its eviction counters). Writes
 ``benchmarks/results/throughput/<config>-<device>-<date>.json`` and PNG plots next to it.
+
+On a GPU, offline engines keep vLLM's default of an EngineCore process each: started one
+after another in one process, a later engine's CUDA-graph capture can reopen vLLM's global
+graph pool that the earlier engine's teardown left at use count 0 (PyTorch's
+``use_count > 0`` internal assert, vllm-project/vllm#28426; seen on an H100 at the second
+of three engines), so ``VLLM_ENABLE_V1_MULTIPROCESSING=0`` is refused there.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ import argparse
 import dataclasses
 import functools
 import math
+import os
 import sys
 import tempfile
 import time
@@ -233,6 +240,8 @@ def main(argv: list[str] | None = None) -> Path:
     if not modes or not set(modes) <= {"offline", "online"}:
         raise SystemExit(f"--modes takes offline and/or online, got {args.modes!r}")
     config = resolved_config(args)
+    if "offline" in modes:
+        refuse_in_process_cuda_engines()
     spec = MODELS[config.model]
     model_dir = args.model_dir or spec.default_path()
     header = result_header("throughput", args.config, args.tag, MODULE, argv)
@@ -264,6 +273,18 @@ def main(argv: list[str] | None = None) -> Path:
     print(format_tables(report))
     print(f"wrote {path}")
     return path
+
+
+def refuse_in_process_cuda_engines() -> None:
+    """Offline engines on a GPU each need their own EngineCore process (module docstring)."""
+    import torch
+
+    if torch.cuda.is_available() and os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0":
+        raise SystemExit(
+            "benchmarks.throughput: unset VLLM_ENABLE_V1_MULTIPROCESSING=0 on a GPU: offline engines started one "
+            "after another in one process can fail CUDA-graph capture on vLLM's shared graph pool "
+            "(PyTorch 'use_count > 0' internal assert, vllm-project/vllm#28426)"
+        )
 
 
 def server_logs_dir(stem: str) -> Path:

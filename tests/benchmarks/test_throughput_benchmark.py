@@ -102,6 +102,19 @@ def test_offline_grid_checkpoints_every_engine_with_its_ratios(monkeypatch, tmp_
     assert seen == [[("vanilla", 1.0)], [("vanilla", 1.0), ("snapkv", 3.0)]]
 
 
+def test_in_process_engines_are_refused_on_a_gpu(monkeypatch):
+    import torch
+
+    from benchmarks.throughput import refuse_in_process_cuda_engines
+
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with pytest.raises(SystemExit, match="vllm-project/vllm#28426"):
+        refuse_in_process_cuda_engines()
+    monkeypatch.delenv("VLLM_ENABLE_V1_MULTIPROCESSING")
+    refuse_in_process_cuda_engines()  # vLLM's default: an EngineCore process per engine
+
+
 def test_smoke_result_records_where_it_comes_from(throughput_smoke):
     path, report = throughput_smoke
     assert report["kind"] == "throughput" and report["config"] == "smoke"
