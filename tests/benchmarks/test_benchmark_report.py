@@ -78,3 +78,24 @@ def test_ruler_overview_joins_runs_split_by_policy():
     assert "| h2o | 1.0 | 2.0 |" in lines and "| judgeq - snapkv | +1.0 | -2.5 |" in lines
     # a single run's own table says it all: no overview
     assert ruler_overview([run(["judgeq", "snapkv"], scores)]) == []
+
+
+def test_throughput_overview_joins_runs_split_by_policy():
+    """Two offline runs of one workload and pool make one table with each policy's own
+    run's vanilla beside it, fastest first; a lone run has its own section only."""
+    from benchmarks.report import throughput_overview
+
+    def run(vanilla, policies):
+        rows = [{"policy": "vanilla", "setting": "vanilla", "pool_tokens": 100, "output_tok_s": vanilla, "speed_ratio": 1.0}]
+        rows += [{"policy": p, "setting": f"{p}@64", "pool_tokens": 100, "output_tok_s": tok_s,
+                  "speed_ratio": tok_s / vanilla, "peak_running_requests": 9, "eviction": {"blocks_freed": 7}}
+                 for p, tok_s in policies.items()]
+        workload = {"num_requests": 4, "prompt_len": 300, "output_len": 10}
+        return {"config": "smoke", "device": "cpu", "workload": workload, "offline": rows}
+
+    lines = throughput_overview([run(10.0, {"judgeq": 31.0}), run(11.0, {"snapkv": 33.0, "h2o": 22.0})])
+    table = [line for line in lines if line.startswith("| ") and "@64" in line]
+    assert table == ["| judgeq@64 | 31.0 | 10.0 | 3.10 | 9 | 7 |", "| snapkv@64 | 33.0 | 11.0 | 3.00 | 9 | 7 |",
+                     "| h2o@64 | 22.0 | 11.0 | 2.00 | 9 | 7 |"]
+    assert "4 x (300, 10), KV pool 100 tokens" in lines[0]
+    assert throughput_overview([run(10.0, {"judgeq": 31.0})]) == []
