@@ -13,10 +13,16 @@ budget and the interval alone: the scheduler knows them when it admits the reque
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 from ..policies import DecodePolicy
 from .plan import EvictionPlan
+
+
+# tokens a request may still add after an event's step before that event's head blocks
+# are back in the pool: the step is processed after the next one is scheduled (async)
+EVENT_FREE_LAG = 2
 
 
 @dataclass(frozen=True)
@@ -78,6 +84,21 @@ class GKVSchedule:
         if num_tokens < first:
             return None
         return first + (num_tokens - first) // self.interval * self.interval
+
+    @functools.cached_property
+    def resident_block_cap(self) -> int:
+        """The most blocks the request holds from ``first_event + EVENT_FREE_LAG`` tokens on.
+
+        After event ``T`` it holds the blocks from ``S_T`` to its length, which grows until
+        the next event's step ``T + interval``; that event's head blocks return to the pool
+        once its step is processed, up to ``EVENT_FREE_LAG`` tokens later. ``S_T``'s block
+        alignment repeats every ``block_size`` events, so those events give the maximum.
+        """
+        events = (self.first_event + i * self.interval for i in range(self.block_size))
+        return max(
+            -(-(event + self.interval + EVENT_FREE_LAG) // self.block_size) - self.layout(event).freed_blocks
+            for event in events
+        )
 
     def layout(self, event: int) -> EvictionPlan:
         """The layout event ``T = event`` leaves (as a one-shot plan ending at ``T``)."""

@@ -22,7 +22,7 @@ from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.request import Request
 
 from .config import EvictionConfig
-from .decode_plan import GKVCapture, GKVJob, GKVSchedule, gkv_schedule, split_at_events, step_work
+from .decode_plan import EVENT_FREE_LAG, GKVCapture, GKVJob, GKVSchedule, gkv_schedule, split_at_events, step_work
 from .kv_manager import EvictionFullAttentionManager, EvictionKVCacheManager
 from .scheduler import EvictionSchedulerMixin, logger
 
@@ -93,6 +93,18 @@ class GKVSchedulerMixin(EvictionSchedulerMixin):
         self.gkv_schedules[request.request_id] = gkv_schedule(
             prompt_len, self.gkv_policy, self.eviction_config.budget.tokens, self.block_size, self._num_layers, prefill
         )
+
+    def _demand_row(self, request: Request, num_new_tokens: int, managers: list) -> tuple[int, ...]:
+        """The one-shot terms, bounded from the first event on by what a G-KV request can
+        hold between events (without it, admission counts every generated token as resident
+        and under-admits long generations), with the blocks it holds now counted without
+        the null blocks its events left at the head of its row."""
+        row = super()._demand_row(request, num_new_tokens, managers)
+        schedule = self.gkv_schedules.get(request.request_id)
+        if schedule is None:
+            return row
+        held = sum(not block.is_null for manager in managers for block in manager.req_to_blocks.get(request.request_id, ()))
+        return (*row[:-3], held, schedule.resident_block_cap, schedule.first_event + EVENT_FREE_LAG)
 
     def _mamba_block_aligned_split(
         self,

@@ -50,6 +50,8 @@ from .step import EVICTION_SECONDS_ATTR
 logger = init_logger("vllm.judgeq")
 # the aggregate counters go to the log at most this often (on a compaction)
 STATS_LOG_INTERVAL_S = 10.0
+# the admission row's (cap, from length) for a request no decode-time event bounds
+UNCAPPED = (1 << 40, 0)
 
 
 class EvictionSchedulerMixin:
@@ -186,13 +188,15 @@ class EvictionSchedulerMixin:
         pool = self.kv_cache_manager.block_pool
         rows = [self._demand_row(request, 0, managers) for request in self.running]
         rows.append(self._demand_row(candidate, num_new_tokens, managers))
-        start_len, remaining, freed, floor, floor_steps, held = (np.array(column) for column in zip(*rows))
+        start_len, remaining, freed, floor, floor_steps, held, cap, cap_from = (np.array(column) for column in zip(*rows))
         steps = np.unique(np.concatenate([[0, horizon], remaining - 1, floor_steps - 1]))
         steps = steps[(steps >= 0) & (steps <= horizon)]
         length = start_len[:, None] + steps[None, :]
         # vLLM sizes a row by the request's logical length; the freed head is null-blocked
         resident = -(-length // self.block_size) - freed[:, None]
         demand = np.where(steps[None, :] < floor_steps[:, None], np.maximum(resident, floor[:, None]), resident)
+        # decode-time eviction bounds what a request holds from its first event on
+        demand = np.where(length >= cap_from[:, None], np.minimum(demand, cap[:, None]), demand)
         demand = np.where(steps[None, :] < remaining[:, None], demand, 0)
         capacity = pool.get_num_free_blocks() + int(held.sum())
         return int(demand.sum(axis=0).max()) * len(managers) <= capacity
@@ -201,7 +205,8 @@ class EvictionSchedulerMixin:
         """``request``'s terms for :meth:`_admission_fits`: the slots it fills by the end
         of this step (or of its prefill), steps until it ends, its freed head blocks (0
         without a plan), the blocks it holds until its compaction and for how many steps,
-        and the blocks it holds now (all groups)."""
+        the blocks it holds now (all groups), and the most blocks it can hold from a given
+        length on (decode-time eviction; here never binding)."""
         computed = request.num_computed_tokens + num_new_tokens
         # the slots it fills this step: its prompt (and, resumed after preemption, its
         # outputs), or, decoding, the token sampled last
@@ -214,14 +219,14 @@ class EvictionSchedulerMixin:
         head_freed = plan is not None and bool(rows[0]) and rows[0][0].is_null
         held = sum(len(blocks) for blocks in rows) - (plan.freed_blocks * len(rows) if head_freed else 0)
         if plan is None:
-            return start_len, remaining, 0, 0, 0, held
+            return start_len, remaining, 0, 0, 0, held, *UNCAPPED
         if head_freed:
-            return start_len, remaining, plan.freed_blocks, 0, 0, held
+            return start_len, remaining, plan.freed_blocks, 0, 0, held, *UNCAPPED
         # the prompt's blocks stay until the step after the compaction step's output
         # (one more under async scheduling); its chunks take at least this many steps
         prefill_steps = -(-max(plan.total_len - computed, 0) // self.max_num_scheduled_tokens)
         prompt_blocks = -(-plan.total_len // self.block_size)
-        return start_len, remaining, plan.freed_blocks, prompt_blocks, prefill_steps + 2, held
+        return start_len, remaining, plan.freed_blocks, prompt_blocks, prefill_steps + 2, held, *UNCAPPED
 
     def _mamba_block_aligned_split(
         self,

@@ -1,6 +1,7 @@
 """Engine helpers shared by the engine tests (in-process vLLM, fp32, block size 16)."""
 
 import gc
+from dataclasses import replace
 
 # 16 prompts, 100..3000 tokens, most short: prefill cost dominates the suite's run time
 ENGINE_PROMPT_LENS = [100, 108, 117, 128, 140, 155, 170, 190, 215, 245, 290, 350, 450, 650, 1100, 3000]
@@ -116,3 +117,36 @@ def step_checking_event_blocks(llm, engine_id, schedule, max_resident_blocks):
             assert held <= max_resident_blocks, f"{held} blocks held at {computed} tokens"
         assert computed_before < computed
     return freed_at
+
+
+def run_counting_preemptions(llm, prompts, admission_horizon, max_tokens=80):
+    """Greedy outputs of ``prompts`` alone, then together (``max_tokens`` each), under an
+    admission look-ahead of ``admission_horizon`` decode steps: the outputs, the
+    preemptions of the together run, and the most requests running at once."""
+    scheduler = engine_core(llm).scheduler
+    config = scheduler.eviction_config
+    preempt, schedule = scheduler._preempt_request, scheduler.schedule
+    preempted, running = [], []
+
+    def counting_preempt(request, timestamp):
+        preempted.append(request.request_id)
+        preempt(request, timestamp)
+
+    def counting_schedule(*args, **kwargs):
+        output = schedule(*args, **kwargs)
+        running.append(len(scheduler.running))
+        return output
+
+    scheduler._preempt_request, scheduler.schedule = counting_preempt, counting_schedule
+    scheduler.eviction_config = replace(config, admission_horizon=admission_horizon)
+    try:
+        start = free_blocks(llm)
+        alone = [list(greedy(llm, [p], max_tokens=max_tokens, ignore_eos=True)[0].outputs[0].token_ids) for p in prompts]
+        assert not preempted, "one request at a time must fit the pool"
+        running.clear()
+        together = [list(out.outputs[0].token_ids) for out in greedy(llm, prompts, max_tokens=max_tokens, ignore_eos=True)]
+    finally:
+        del scheduler._preempt_request, scheduler.schedule
+        scheduler.eviction_config = config
+    assert free_blocks(llm) == start
+    return alone, together, preempted, max(running)

@@ -16,6 +16,7 @@ from engine_helpers import (
     greedy_recording_events,
     make_llm,
     model_runner,
+    run_counting_preemptions,
     shutdown,
     step_checking_event_blocks,
 )
@@ -194,4 +195,24 @@ def test_preempted_requests_replay_their_events(smollm2_dir, engine_prompts):
     finally:
         shutdown(engine)
     assert preempted, "the pool is meant to force preemption"
+    assert together == alone
+
+
+def test_admission_counts_only_what_gkv_requests_hold(smollm2_dir, engine_prompts):
+    """Under the admission look-ahead (default horizon), a G-KV request counts as the rows
+    it holds between events, not as its whole generation: two run at once in a 20-block
+    pool (each needs 17 blocks uncompacted at 120 tokens past its prompt, about 8 between
+    events), none is preempted, and each gives the output it gives alone."""
+    engine = make_llm(
+        smollm2_dir, llm_kwargs("gkv", 64, decode_interval=INTERVAL),
+        max_model_len=312, max_num_batched_tokens=64, num_gpu_blocks_override=20,
+    )
+    try:
+        alone, together, preempted, most_running = run_counting_preemptions(
+            engine, engine_prompts[:4], admission_horizon=1024, max_tokens=120
+        )
+    finally:
+        shutdown(engine)
+    assert not preempted
+    assert most_running >= 2
     assert together == alone

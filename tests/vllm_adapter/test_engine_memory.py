@@ -4,10 +4,8 @@ One small engine (snapkv, budget 64, 64-token chunks, a 28-block pool, prefix ca
 on) driven step by step through ``LLMEngine.step``, in-process.
 """
 
-from dataclasses import replace
-
 import pytest
-from engine_helpers import engine_core, free_blocks, greedy, make_llm, shutdown
+from engine_helpers import engine_core, free_blocks, greedy, make_llm, run_counting_preemptions, shutdown
 
 from judgeq_vllm.policies import KVBudget, make_policy
 from judgeq_vllm.vllm_adapter import llm_kwargs, plan_request
@@ -103,38 +101,6 @@ def test_identical_prompt_reuses_only_the_head_blocks(llm, engine_prompts):
     second = greedy(llm, [prompt])[0]
     assert second.num_cached_tokens == plan.prefix_hit_cap > 0
     assert list(second.outputs[0].token_ids) == list(first.outputs[0].token_ids)
-
-
-def run_counting_preemptions(llm, prompts, admission_horizon):
-    """Greedy outputs of ``prompts`` alone, then together (80 tokens each), the
-    preemptions of the together run, and the most requests running at once."""
-    scheduler = engine_core(llm).scheduler
-    config = scheduler.eviction_config
-    preempt, schedule = scheduler._preempt_request, scheduler.schedule
-    preempted, running = [], []
-
-    def counting_preempt(request, timestamp):
-        preempted.append(request.request_id)
-        preempt(request, timestamp)
-
-    def counting_schedule(*args, **kwargs):
-        output = schedule(*args, **kwargs)
-        running.append(len(scheduler.running))
-        return output
-
-    scheduler._preempt_request, scheduler.schedule = counting_preempt, counting_schedule
-    scheduler.eviction_config = replace(config, admission_horizon=admission_horizon)
-    try:
-        start = free_blocks(llm)
-        alone = [list(greedy(llm, [p], max_tokens=80, ignore_eos=True)[0].outputs[0].token_ids) for p in prompts]
-        assert not preempted, "one request at a time must fit the pool"
-        running.clear()
-        together = [list(out.outputs[0].token_ids) for out in greedy(llm, prompts, max_tokens=80, ignore_eos=True)]
-    finally:
-        del scheduler._preempt_request, scheduler.schedule
-        scheduler.eviction_config = config
-    assert free_blocks(llm) == start
-    return alone, together, preempted, max(running)
 
 
 def test_preemption_gives_the_unpreempted_outputs(llm, engine_prompts):

@@ -6,7 +6,7 @@ from judgeq_vllm.policies import GKVPolicy, KVBudget, StreamingLLMDecodePolicy, 
 from judgeq_vllm.soft_tokens import SoftTokens
 from judgeq_vllm.vllm_adapter import llm_kwargs
 from judgeq_vllm.vllm_adapter.config import EvictionConfig
-from judgeq_vllm.vllm_adapter.decode_plan import gkv_schedule, split_at_events, step_work
+from judgeq_vllm.vllm_adapter.decode_plan import EVENT_FREE_LAG, gkv_schedule, split_at_events, step_work
 from judgeq_vllm.vllm_adapter.plan import plan_request
 
 BLOCK = 16
@@ -69,6 +69,23 @@ def test_events_match_the_reference_loop(prompt_len, interval, judgeq_soft):
         assert held <= -(-(budget + interval) // BLOCK) + 2
         previous = layout
     assert schedule.next_event(events[0] - 1) == events[0] if events else True
+
+
+@pytest.mark.parametrize("prompt_len", [40, 100, 140, 700])
+@pytest.mark.parametrize("interval", [16, 32, 128])
+@pytest.mark.parametrize("judgeq_soft", [0, 8])
+def test_resident_block_cap_is_the_most_a_request_holds_between_events(prompt_len, interval, judgeq_soft):
+    """Walk a long generation: at every length from the first event (plus the lag) on, the
+    blocks from the latest event whose head blocks are back (one that ran at least
+    EVENT_FREE_LAG tokens ago) to the end never exceed the cap, and reach it."""
+    schedule = schedule_for(prompt_len, 112, interval=interval, judgeq_soft=judgeq_soft)
+    held = []
+    for length in range(schedule.first_event + EVENT_FREE_LAG, schedule.first_event + 40 * interval):
+        freed_by = schedule.last_event(length - EVENT_FREE_LAG)
+        held.append(-(-length // BLOCK) - schedule.layout(freed_by).freed_blocks)
+    assert max(held) == schedule.resident_block_cap
+    # b + interval rows, the lag, and at most one block of alignment at each end
+    assert schedule.resident_block_cap <= -(-(112 + interval + EVENT_FREE_LAG) // BLOCK) + 1
 
 
 def test_step_work_of_decode_steps_and_a_prefill_chunk():
