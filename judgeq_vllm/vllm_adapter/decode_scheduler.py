@@ -97,14 +97,12 @@ class GKVSchedulerMixin(EvictionSchedulerMixin):
     def _demand_row(self, request: Request, num_new_tokens: int, managers: list) -> tuple[int, ...]:
         """The one-shot terms, bounded from the first event on by what a G-KV request can
         hold between events (without it, admission counts every generated token as resident
-        and under-admits long generations), with the blocks it holds now counted without
-        the null blocks its events left at the head of its row."""
+        and under-admits long generations)."""
         row = super()._demand_row(request, num_new_tokens, managers)
         schedule = self.gkv_schedules.get(request.request_id)
         if schedule is None:
             return row
-        held = sum(not block.is_null for manager in managers for block in manager.req_to_blocks.get(request.request_id, ()))
-        return (*row[:-3], held, schedule.resident_block_cap, schedule.first_event + EVENT_FREE_LAG)
+        return (*row[:-2], schedule.resident_block_cap, schedule.first_event + EVENT_FREE_LAG)
 
     def _mamba_block_aligned_split(
         self,

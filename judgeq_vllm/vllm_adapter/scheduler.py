@@ -23,6 +23,7 @@ re-run compaction on resume.
 
 from __future__ import annotations
 
+import bisect
 import time
 from typing import Any
 
@@ -205,7 +206,8 @@ class EvictionSchedulerMixin:
         """``request``'s terms for :meth:`_admission_fits`: the slots it fills by the end
         of this step (or of its prefill), steps until it ends, its freed head blocks (0
         without a plan), the blocks it holds until its compaction and for how many steps,
-        the blocks it holds now (all groups), and the most blocks it can hold from a given
+        the blocks it holds now (all groups, less the null blocks compaction left at the
+        head of its row), and the most blocks it can hold from a given
         length on (decode-time eviction; here never binding)."""
         computed = request.num_computed_tokens + num_new_tokens
         # the slots it fills this step: its prompt (and, resumed after preemption, its
@@ -217,7 +219,8 @@ class EvictionSchedulerMixin:
         rows = [manager.req_to_blocks.get(request.request_id, ()) for manager in managers]
         # freeing the head null-blocks exactly the plan's head blocks in every group
         head_freed = plan is not None and bool(rows[0]) and rows[0][0].is_null
-        held = sum(len(blocks) for blocks in rows) - (plan.freed_blocks * len(rows) if head_freed else 0)
+        # compaction (one-shot or a decode-time event) null-blocks a prefix of the row
+        held = sum(len(blocks) - _leading_null_blocks(blocks) for blocks in rows)
         if plan is None:
             return start_len, remaining, 0, 0, 0, held, *UNCAPPED
         if head_freed:
@@ -359,3 +362,10 @@ def make_scheduler(*args: Any, **kwargs: Any) -> Scheduler:
     if vllm_config.scheduler_config.async_scheduling:
         return EvictionAsyncScheduler(*args, **kwargs)
     return EvictionScheduler(*args, **kwargs)
+
+
+def _leading_null_blocks(blocks) -> int:
+    """The null blocks at the head of a request's row (where compaction freed it), by
+    bisection: the serving path calls this for every running request on every admission
+    attempt, and a long generation's row is mostly null blocks."""
+    return bisect.bisect_left(blocks, True, key=lambda block: not block.is_null)
