@@ -136,23 +136,41 @@ def jobs_at(schedules, event_index):
     return {name: step_work(s, s.first_event + event_index * INTERVAL - 1, 1)[0] for name, s in schedules.items()}
 
 
-def test_event_steps_match_the_policy_and_carry_global_scores():
+@pytest.mark.parametrize("num_layers, num_events, per_batch", [(32, 7, 56), (32, 7, 5), (3, 5, 2), (4, 1, 1), (5, 3, 1000)])
+def test_event_batches_cover_every_pair_once_within_the_bound(num_layers, num_events, per_batch):
+    from judgeq_vllm.vllm_adapter.gpu.gkv_events import event_batches
+
+    seen = []
+    for layers, events in event_batches(num_layers, num_events, per_batch):
+        pairs = [(layer, event) for layer in range(num_layers)[layers] for event in range(num_events)[events]]
+        assert 0 < len(pairs) <= max(per_batch, 1)
+        seen += pairs
+    assert sorted(seen) == [(layer, event) for layer in range(num_layers) for event in range(num_events)]
+
+
+# per_batch: pairs per select_gkv batch (None: the memory bound's, here every layer at once)
+@pytest.mark.parametrize("per_batch", [None, 2, 1])
+def test_event_steps_match_the_policy_and_carry_global_scores(per_batch, monkeypatch):
     """Two requests through their events: each event's kept rows (scored with the ring's
     windows and the previous F) equal GKVPolicy.compress on the rows gathered by hand, the
-    K|V rows land at [S_i, S_i + b) and F at the first b - w of them."""
+    K|V rows land at [S_i, S_i + b) and F at the first b - w of them; the same whether a
+    batch holds every layer's events, one layer's, or one event."""
+    from judgeq_vllm.vllm_adapter.gpu import gkv_events
     from judgeq_vllm.vllm_adapter.gpu.gkv_events import GKVEventStep, GKVScores, build_event_jobs
     from judgeq_vllm.vllm_adapter.gpu.gkv_window import GKVQueryRing
     from judgeq_vllm.vllm_adapter.step import GKVEventRecorder
 
+    if per_batch is not None:
+        monkeypatch.setattr(gkv_events, "pairs_per_chunk", lambda *shape: per_batch)
+
     gen = torch.Generator().manual_seed(1)
     policy = GKVPolicy(window=WINDOW, interval=INTERVAL)
-    budget, num_layers, num_kv_heads, num_q_heads, head_dim, max_blocks = 20, 2, 2, 4, 8, 8
+    budget, num_layers, num_kv_heads, num_q_heads, head_dim, max_blocks = 20, 3, 2, 4, 8, 8
     caches = [fake_cache(40, num_kv_heads, head_dim, gen) for _ in range(num_layers)]
     scores = GKVScores(num_layers, 40 * BLOCK_SIZE, num_kv_heads, torch.device(DEVICE))
     ring = GKVQueryRing.__new__(GKVQueryRing)  # the ring's buffers without vLLM's staged writes
     ring.window, ring.interval = WINDOW, INTERVAL
     ring.queries = torch.randn(num_layers, 4 * WINDOW + 1, num_q_heads, head_dim, generator=gen).to(DEVICE)
-    ring._layer_queries = ring.queries.unbind(0)
     schedules = {"a": GKVSchedule(30, 0, budget, WINDOW, INTERVAL, BLOCK_SIZE, num_layers),
                  "b": GKVSchedule(9, 0, budget, WINDOW, INTERVAL, BLOCK_SIZE, num_layers)}
     slots = {"a": 1, "b": 3}

@@ -27,7 +27,7 @@ def test_kernel_matches_the_reference(head_dim, dtype, layout, device):
     gen = torch.Generator().manual_seed(head_dim)
     num_rows = torch.tensor([150, 64, 1, 97])
     keys = near_duplicate_keys(4, 2, 150, head_dim, dtype, gen)
-    if layout == "gathered":  # resident_keys' view: [J, N, H, D] permuted to [J, H, N, D]
+    if layout == "gathered":  # the event step's view: [J, N, H, D] gathered, transposed to [J, H, N, D]
         keys = keys.transpose(1, 2).contiguous().transpose(1, 2)
     got = similarity_column_stats(keys.to(device), num_rows.to(device), 0.5, EPS)
     want = naive_similarity_column_stats(keys, num_rows, 0.5, EPS)

@@ -4,13 +4,20 @@
 NOTE on the order (docs/engine-design.md §6.6). An event at ``T`` runs at the end of the
 step whose tokens end at ``T``, after the whole forward: every layer has attended over
 the uncompacted rows and copied its window queries into the ring (``gkv_window.py``) by
-then. Per layer it gathers the resident keys ``[S_{i-1}, T - delta_{i-1})`` from the
-paged cache, the previous global scores ``F`` at the first ``b - w`` of them, and selects
-(``gkv_scoring.select_gkv``, batched over the step's events); the new ``F`` of the scored
-kept rows goes to the physical slots of ``[S_i, S_i + b - w)``, where compaction puts
-those rows. Then one ``compact_paged`` launch moves every layer's kept K|V rows to
-``[S_i, S_i + b)`` (it handles both directions of overlap). All on the model's stream,
-no host sync.
+then. It gathers each layer's resident keys ``[S_{i-1}, T - delta_{i-1})`` from the paged
+cache, the previous global scores ``F`` at the first ``b - w`` of them, and selects
+(``gkv_scoring.select_gkv``); the new ``F`` of the scored kept rows goes to the physical
+slots of ``[S_i, S_i + b - w)``, where compaction puts those rows. Then one
+``compact_paged`` launch moves every layer's kept K|V rows to ``[S_i, S_i + b)`` (it
+handles both directions of overlap). All on the model's stream, no host sync.
+
+NOTE on the cost. Nothing here waits for the GPU, but every torch op costs the host tens
+of microseconds to launch, and the GPU idles behind it: the work is small (``N <= b +
+interval`` rows per event). Selecting layer by layer made an event step about 2,200
+launches for a 32-layer model, 86 ms of GPU time on an H100 (``benchmarks/results/
+gpu-path/runs/session7``). So the slots, windows and previous scores are gathered once
+for all layers, and ``select_gkv`` scores several layers' events in one batch
+(:func:`event_batches`), as many ``(layer, request)`` pairs as its memory bound allows.
 
 StreamingLLM's decode variant (``streamingllm-decode``) reads no keys, no ring and no
 ``F``: its kept rows, the sinks and the last ``b - sinks`` resident rows in every layer
@@ -35,7 +42,7 @@ from ...kernels import compact_paged
 from ...policies import DecodePolicy, StreamingLLMDecodePolicy
 from ..decode_plan import GKVJob
 from ..step import GKVEventRecorder
-from .gkv_scoring import GKVSelection, jobs_per_chunk, select_gkv
+from .gkv_scoring import pairs_per_chunk, select_gkv
 from .gkv_window import GKVQueryRing
 
 
@@ -49,13 +56,14 @@ class GKVScores:
     def bytes_per_token(num_layers: int, num_kv_heads: int) -> int:
         return num_layers * num_kv_heads * 4
 
-    def read(self, layer: int, slots: torch.Tensor) -> torch.Tensor:
-        """``[J, H, m]`` scores at physical ``slots`` ``[J, m]``."""
-        return self.scores[layer][slots].transpose(1, 2)
+    def read(self, slots: torch.Tensor) -> torch.Tensor:
+        """``[L, J, H, m]`` every layer's scores at physical ``slots`` ``[J, m]``."""
+        return self.scores[:, slots].transpose(-1, -2)
 
-    def write(self, layer: int, slots: torch.Tensor, scores: torch.Tensor) -> None:
-        """Stores ``scores`` ``[J, H, m]`` at physical ``slots`` ``[J, m]``."""
-        self.scores[layer][slots] = scores.transpose(1, 2)
+    def write(self, layers: slice, slots: torch.Tensor, scores: torch.Tensor) -> None:
+        """Stores ``scores`` ``[G, J, H, m]`` of ``layers`` (``G`` of them) at physical
+        ``slots`` ``[J, m]``."""
+        self.scores[layers, slots] = scores.transpose(-1, -2)
 
 
 @dataclass(frozen=True)
@@ -145,49 +153,46 @@ class GKVEventStep:
         around it); ``ring`` and ``scores`` are G-KV's (``None`` for StreamingLLM)."""
         with self._timed() if timed else contextlib.nullcontext():
             jobs = self.jobs
-            kept_per_layer = []
-            for layer, kv_cache in enumerate(kv_caches):
-                if isinstance(self.policy, StreamingLLMDecodePolicy):
-                    # the sinks and the recent rows, from the row counts alone: no keys read
-                    rows = self.policy.kept_rows(jobs.num_rows, jobs.budget)
-                    kept = rows[:, None].expand(-1, kv_cache.shape[1], -1)
-                else:
-                    kept = self._score_layer(layer, kv_cache, ring, scores, scale)
-                kept_per_layer.append(kept + jobs.source_start[:, None, None])
-                if self.recorder is not None:
+            if isinstance(self.policy, StreamingLLMDecodePolicy):
+                # the sinks and the recent rows, from the row counts alone: no keys read
+                rows = self.policy.kept_rows(jobs.num_rows, jobs.budget)
+                kept = rows[None, :, None].expand(len(kv_caches), -1, kv_caches[0].shape[1], -1)
+            else:
+                kept = self._score_layers(kv_caches, ring, scores, scale)
+            if self.recorder is not None:
+                for layer in range(len(kv_caches)):
                     for j, (req_id, job) in enumerate(zip(jobs.req_ids, jobs.jobs)):
-                        self.recorder.record(req_id, job.event, layer, kept[j].cpu())
-            compact_paged(kv_caches, jobs.block_rows, torch.stack(kept_per_layer), jobs.num_kept,
+                        self.recorder.record(req_id, job.event, layer, kept[layer, j].cpu())
+            compact_paged(kv_caches, jobs.block_rows, kept + jobs.source_start[:, None, None], jobs.num_kept,
                           dest_start=jobs.dest_start)
 
-    def _score_layer(self, layer: int, kv_cache: torch.Tensor, ring: GKVQueryRing, scores: GKVScores,
-                     scale: float) -> torch.Tensor:
-        """G-KV's ``[J, H, b]`` kept rows of one layer; writes the new ``F`` of the scored
-        kept rows where compaction puts them."""
+    def _score_layers(self, kv_caches: list[torch.Tensor], ring: GKVQueryRing, scores: GKVScores,
+                      scale: float) -> torch.Tensor:
+        """G-KV's ``[L, J, H, b]`` kept rows of every layer; writes the new ``F`` of the
+        scored kept rows where compaction puts them."""
         jobs, scored_rows = self.jobs, self.jobs.budget - self.policy.window
-        block_size = kv_cache.shape[2]
-        previous_slots = _physical_slots(jobs.block_rows, jobs.source_start, scored_rows, block_size)
-        selection = self._select(
-            ring.windows(layer, jobs.slots), resident_keys(kv_cache, jobs), scores.read(layer, previous_slots), scale
-        )
-        # the scored kept rows are the first b - w of [S_i, S_i + b)
-        scores.write(layer, _physical_slots(jobs.block_rows, jobs.dest_start, scored_rows, block_size),
-                     selection.global_scores)
-        return selection.kept
-
-    def _select(self, queries, keys, previous, scale: float) -> GKVSelection:
-        jobs = self.jobs
-        per_chunk = jobs_per_chunk(queries.shape[2], self.policy.window, jobs.max_rows)
-        parts = [
-            select_gkv(
-                self.policy, queries[start:end], keys[start:end], jobs.num_rows[start:end], previous[start:end],
-                jobs.has_previous[start:end], scale, jobs.budget,
+        _, num_kv_heads, block_size, packed = kv_caches[0].shape
+        blocks, offsets = resident_slots(jobs, block_size)
+        windows = ring.windows(jobs.slots)  # [L, J, w, Hq, D]
+        previous = scores.read(_physical_slots(jobs.block_rows, jobs.source_start, scored_rows, block_size))
+        dest_slots = _physical_slots(jobs.block_rows, jobs.dest_start, scored_rows, block_size)
+        per_batch = pairs_per_chunk(windows.shape[3], num_kv_heads, packed // 2, self.policy.window, jobs.max_rows)
+        kept = torch.empty(len(kv_caches), len(jobs.jobs), num_kv_heads, jobs.budget, dtype=torch.int64,
+                           device=blocks.device)
+        for layers, reqs in event_batches(len(kv_caches), len(jobs.jobs), per_batch):
+            num_layers = layers.stop - layers.start
+            # [G, J, N, H, D] -> [G * J, H, N, D], a view (G and J stay adjacent)
+            keys = torch.stack([
+                cache[blocks[reqs], :, offsets[reqs], : packed // 2] for cache in kv_caches[layers]
+            ]).transpose(2, 3).flatten(0, 1)
+            selection = select_gkv(
+                self.policy, windows[layers, reqs].flatten(0, 1), keys, jobs.num_rows[reqs].repeat(num_layers),
+                previous[layers, reqs].flatten(0, 1), jobs.has_previous[reqs].repeat(num_layers), scale, jobs.budget,
             )
-            for start, end in _chunks(len(jobs.jobs), per_chunk)
-        ]
-        if len(parts) == 1:
-            return parts[0]
-        return GKVSelection(torch.cat([p.kept for p in parts]), torch.cat([p.global_scores for p in parts]))
+            # the scored kept rows are the first b - w of [S_i, S_i + b)
+            scores.write(layers, dest_slots[reqs], selection.global_scores.unflatten(0, (num_layers, -1)))
+            kept[layers, reqs] = selection.kept.unflatten(0, (num_layers, -1))
+        return kept
 
     def gpu_seconds(self) -> float:
         """GPU time of the events; waits for the last CUDA event (done already once the
@@ -204,27 +209,31 @@ class GKVEventStep:
         self.events.append((start, end))
 
 
-def resident_keys(kv_cache: torch.Tensor, jobs: GKVEventJobs) -> torch.Tensor:
-    """``[J, H, max_rows, D]`` the events' resident keys (rows past an event's own count
-    repeat its last row: padding, masked in the selection).
-
-    Args:
-        kv_cache: [num_blocks, H, block_size, 2 * D] one layer's cache (K then V per row).
-    """
-    block_size, head_dim = kv_cache.shape[2], kv_cache.shape[3] // 2
-    rows = torch.arange(jobs.max_rows, device=kv_cache.device)
+def resident_slots(jobs: GKVEventJobs, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[J, max_rows]`` block ids and in-block offsets of the events' resident rows, the
+    same in every layer (rows past an event's own count repeat its last row: padding,
+    masked in the selection). A layer's keys ``[J, max_rows, H, D]`` are then
+    ``cache[blocks, :, offsets, :D]`` for a ``[num_blocks, H, block_size, 2 * D]`` cache."""
+    rows = torch.arange(jobs.max_rows, device=jobs.block_rows.device)
     logical = jobs.source_start[:, None] + torch.minimum(rows[None, :], jobs.num_rows[:, None] - 1)
-    blocks = jobs.block_rows.gather(1, logical // block_size).long()
-    # advanced indices around a slice: the result is [J, N, H, D]
-    return kv_cache[blocks, :, logical % block_size, :head_dim].permute(0, 2, 1, 3)
+    return jobs.block_rows.gather(1, logical // block_size).long(), logical % block_size
+
+
+def event_batches(num_layers: int, num_events: int, per_batch: int) -> Iterator[tuple[slice, slice]]:
+    """``(layers, events)`` scored in one ``select_gkv`` batch of at most ``per_batch``
+    ``(layer, request)`` pairs: whole layers of every event while one layer fits, else one
+    layer's events in runs."""
+    if num_events <= per_batch:
+        step = per_batch // num_events
+        for start in range(0, num_layers, step):
+            yield slice(start, min(start + step, num_layers)), slice(0, num_events)
+        return
+    for layer in range(num_layers):
+        for start in range(0, num_events, per_batch):
+            yield slice(layer, layer + 1), slice(start, min(start + per_batch, num_events))
 
 
 def _physical_slots(block_rows: torch.Tensor, start: torch.Tensor, count: int, block_size: int) -> torch.Tensor:
     """``[J, count]`` physical slots of logical ``[start[j], start[j] + count)``."""
     logical = start.long()[:, None] + torch.arange(count, device=block_rows.device)
     return block_rows.gather(1, logical // block_size).long() * block_size + logical % block_size
-
-
-def _chunks(count: int, size: int) -> Iterator[tuple[int, int]]:
-    for start in range(0, count, size):
-        yield start, min(start + size, count)

@@ -5,9 +5,11 @@ same formulas run over ``J`` requests at once, their rows padded to the longest 
 and masked: no host sync, no per-request Python. The local and global scores are plain
 torch; the redundancy term's ``N x N`` key similarities are never stored: one Triton
 launch (``kernels/similarity``) reduces them to three numbers per row. Each event scores
-at most ``b + interval`` rows (bounded by the budget, not the sequence);
-:func:`jobs_per_chunk` bounds how many requests share one batch (the local scores'
-``[J, H, group, w, N]`` logits).
+at most ``b + interval`` rows (bounded by the budget, not the sequence). A batch is any
+set of independent problems: the event step (``gkv_events.py``) puts several layers' events
+in one, ``(layer, request)`` pairs, as many as :func:`pairs_per_chunk` allows (the local
+scores' ``[J, H, group, w, N]`` logits and the ``[J, H, N, D]`` keys stay under a bound),
+so that an event step launches a few batches, not one per layer.
 """
 
 from __future__ import annotations
@@ -21,8 +23,11 @@ from ...policies import GKVPolicy
 
 # eps of the key-norm division in the authors' Triton similarity kernel (policies/gkv.py)
 SIMILARITY_NORM_EPS = 1e-6
-# fp32 elements of one chunk's [J, Hq, w, N] local-score logits (and its softmax): 64 Mi = 256 MiB
+# fp32 elements of one batch's [J, Hq, w, N] local-score logits (and its softmax): 64 Mi = 256 MiB
 _MAX_LOGIT_ELEMENTS = 64 * 2**20
+# elements of one batch's resident keys [J, H, N, D], gathered in the model dtype and copied
+# to fp32 for the local scores: 64 Mi = 128 MiB in bf16 plus 256 MiB in fp32
+_MAX_KEY_ELEMENTS = 64 * 2**20
 
 
 @dataclass(frozen=True)
@@ -40,9 +45,12 @@ class GKVSelection:
     global_scores: torch.Tensor
 
 
-def jobs_per_chunk(num_q_heads: int, window: int, max_rows: int) -> int:
-    """Requests scored together so that their local-score logits stay under a bound."""
-    return max(1, _MAX_LOGIT_ELEMENTS // (num_q_heads * window * max_rows))
+def pairs_per_chunk(num_q_heads: int, num_kv_heads: int, head_dim: int, window: int, max_rows: int) -> int:
+    """Problems (``(layer, request)`` pairs) scored in one batch so that its local-score
+    logits and its keys stay under their bounds."""
+    logits_per_pair = num_q_heads * window * max_rows
+    keys_per_pair = num_kv_heads * max_rows * head_dim
+    return max(1, min(_MAX_LOGIT_ELEMENTS // logits_per_pair, _MAX_KEY_ELEMENTS // keys_per_pair))
 
 
 def select_gkv(
@@ -55,12 +63,13 @@ def select_gkv(
     scale: float,
     budget: int,
 ) -> GKVSelection:
-    """``GKVPolicy.compress`` for ``J`` requests at once.
+    """``GKVPolicy.compress`` for ``J`` independent problems at once (one per request and
+    layer; "request" below).
 
     Args:
         queries: ``[J, w, Hq, D]`` each request's window queries, oldest first.
-        keys: ``[J, H, N, D]`` resident keys; request ``j``'s are ``[:, :num_rows[j]]`` (the
-            rest is padding, never read into a result).
+        keys: ``[J, H, N, D]`` resident keys (any strides, unit stride on ``D``); request
+            ``j``'s are ``[:, :num_rows[j]]`` (the rest is padding, never read into a result).
         num_rows: ``[J]`` int64 resident rows, ``budget < num_rows[j] <= N``.
         previous: ``[J, H, budget - w]`` ``F`` of each request's first ``budget - w`` rows
             (read only where ``has_previous``).
@@ -91,7 +100,9 @@ def _local_scores(queries, keys, rows, valid, num_rows, scale: float, window: in
     group = num_q_heads // num_kv_heads
     # [J, kv_head, group, window, D]: query head q belongs to kv head q // group
     grouped = queries.float().permute(0, 2, 1, 3).reshape(num_jobs, num_kv_heads, group, window, head_dim)
-    logits = torch.einsum("jhgqd,jhnd->jhgqn", grouped, keys.float() * scale)
+    # one fp32 copy of the keys, scaled in place (a copy even of fp32 keys: the redundancy
+    # term reads them after)
+    logits = torch.einsum("jhgqd,jhnd->jhgqn", grouped, keys.to(torch.float32, copy=True).mul_(scale))
     # the window queries are the last rows: row n is window row n - (num_rows - w), which
     # query q sees only if it is not after q
     in_window = rows[None, :] - (num_rows - window)[:, None]  # [J, N]

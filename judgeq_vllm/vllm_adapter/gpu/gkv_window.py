@@ -194,7 +194,8 @@ class GKVQueryRing:
         """
         self._layer_queries[layer].index_copy_(0, self.ring_rows[: query.shape[0]], query)
 
-    def windows(self, layer: int, slots: torch.Tensor) -> torch.Tensor:
-        """``[J, w, Hq, D]`` ``layer``'s window of each request slot in ``slots`` ([J] int64)."""
+    def windows(self, slots: torch.Tensor) -> torch.Tensor:
+        """``[L, J, w, Hq, D]`` every layer's window of each request slot in ``slots`` ([J]
+        int64), in one gather."""
         rows = slots[:, None] * self.window + torch.arange(self.window, device=slots.device)
-        return self._layer_queries[layer][rows]
+        return self.queries[:, rows]

@@ -248,14 +248,14 @@ class EvictionGPUModelRunner(mrv2.GPUModelRunner):
     def _guard_full_graphs_on_compaction_steps(self) -> None:
         # a FULL graph runs no Python attention, so no scoring and no per-layer lengths or
         # slots: such a step falls back to its PIECEWISE graph, or eager. G-KV event steps
-        # too (their queries are in the ring whatever the mode, but they are kept off FULL
-        # like every other step with eviction work)
+        # replay FULL: their queries reach the ring inside the graph and their events run
+        # after the forward (gkv_events.py)
         manager = self.cudagraph_manager
         dispatch = manager.dispatch
 
         def dispatch_without_full_compaction(num_reqs, num_tokens, uniform_token_count, num_active_loras=0):
             desc = dispatch(num_reqs, num_tokens, uniform_token_count, num_active_loras=num_active_loras)
-            eviction_work = self._step_jobs or self._layer_views_step or self._gkv_jobs
+            eviction_work = self._step_jobs or self._layer_views_step
             if not eviction_work or desc.cg_mode != CUDAGraphMode.FULL:
                 return desc
             desc = dispatch(num_reqs, num_tokens, None, num_active_loras=num_active_loras)
