@@ -140,12 +140,46 @@ def score_stats_kernel(
     t_start = i_c * chunk
     if t_start >= key_len:
         return
+    p_part = part + ((i_b * HKV + i_h) * NC + i_c) * (2 * NUM_M_TILES * BLOCK_M)
+    _stats_chunk(
+        q, kv_cache, block_tables + i_b * s_bt, p_part, bos, n_obs, key_len, i_h, t_start,
+        qk_scale, s_qt, s_qh, s_kb, s_kh, s_kt, G, D, BS, chunk, BLOCK_M, BLOCK_N, BLOCK_D,
+        NUM_M_TILES, DOT_PRECISION,
+    )
+
+
+@triton.jit
+def _stats_chunk(
+    q,
+    kv_cache,
+    p_bt,  # block table row of the request
+    p_part,  # [2, M_PAD] fp32 stats of this chunk
+    bos,
+    n_obs,
+    key_len,
+    i_h,
+    t_start,
+    qk_scale,
+    s_qt: tl.int64,
+    s_qh: tl.int64,
+    s_kb: tl.int64,
+    s_kh: tl.int64,
+    s_kt: tl.int64,
+    G: tl.constexpr,
+    D: tl.constexpr,
+    BS: tl.constexpr,
+    chunk,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    NUM_M_TILES: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    # per obs row: max and sum of exp2 of the base-2 logits over keys [t_start, t_start + chunk)
     t_end = tl.minimum(t_start + chunk, key_len)
     # keys before key_len - n_obs + 1 are visible to every obs row: their tiles need no mask
     t_full = tl.minimum(t_end, key_len - n_obs + 1)
     t_split = t_start + tl.maximum(t_full - t_start, 0) // BLOCK_N * BLOCK_N
-    p_bt = block_tables + i_b * s_bt
-    p_part = part + ((i_b * HKV + i_h) * NC + i_c) * (2 * NUM_M_TILES * BLOCK_M)
 
     # rows past n_obs * G load zero queries and get garbage stats that the score pass ignores
     for i_m in range(NUM_M_TILES):
@@ -256,7 +290,46 @@ def score_kernel(
     n_obs = tl.load(query_start_loc + i_b + 1).to(tl.int64) - bos
     key_len = tl.load(key_lens + i_b).to(tl.int64)
     n_cand = tl.load(num_candidates + i_b).to(tl.int64)
-    t_start = i_c * chunk
+    p_part = part + (i_b * HKV + i_h) * NC * (2 * NUM_M_TILES * BLOCK_M)
+    _score_chunk(
+        q, kv_cache, block_tables + i_b * s_bt, p_part, scores + i_b * s_sb + i_h * s_sh, bos,
+        n_obs, key_len, n_cand, i_h, i_c * chunk, T_OUT, qk_scale, s_qt, s_qh, s_kb, s_kh,
+        s_kt, G, D, BS, chunk, BLOCK_M, BLOCK_N, BLOCK_D, NUM_M_TILES, DOT_PRECISION, False,
+    )
+
+
+@triton.jit
+def _score_chunk(
+    q,
+    kv_cache,
+    p_bt,  # block table row of the request
+    p_lse,  # LSE_FINAL: [M_PAD] fp32 lse of the rows; else [NC, 2, M_PAD] per-chunk stats
+    p_s,  # [T_OUT] fp32 scores row of (request, kv head)
+    bos,
+    n_obs,
+    key_len,
+    n_cand,
+    i_h,
+    t_start,
+    T_OUT,
+    qk_scale,
+    s_qt: tl.int64,
+    s_qh: tl.int64,
+    s_kb: tl.int64,
+    s_kh: tl.int64,
+    s_kt: tl.int64,
+    G: tl.constexpr,
+    D: tl.constexpr,
+    BS: tl.constexpr,
+    chunk,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    NUM_M_TILES: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    LSE_FINAL: tl.constexpr,
+):
+    # scores of the candidates in [t_start, t_start + chunk), -inf for the rest of the range
     t_end = tl.minimum(t_start + chunk, T_OUT)
     t_stop = tl.minimum(t_end, n_cand)
     t_full = tl.minimum(t_stop, key_len - n_obs + 1)
@@ -264,9 +337,6 @@ def score_kernel(
     # diagonal or the end of the candidates; [t_fill, t_end): no candidate, -inf only
     t_split = t_start + tl.maximum(t_full - t_start, 0) // BLOCK_N * BLOCK_N
     t_fill = t_start + tl.cdiv(tl.maximum(t_stop - t_start, 0), BLOCK_N) * BLOCK_N
-    p_bt = block_tables + i_b * s_bt
-    p_part = part + (i_b * HKV + i_h) * NC * (2 * NUM_M_TILES * BLOCK_M)
-    p_s = scores + i_b * s_sb + i_h * s_sh
 
     for t0 in range(t_fill, t_end, BLOCK_N):
         o_t = t0 + tl.arange(0, BLOCK_N)
@@ -278,9 +348,13 @@ def score_kernel(
         o_r, m_r, b_q, b_lim = _load_obs_queries(
             q, bos, n_obs, key_len, i_h, i_m, s_qt, s_qh, G, D, BLOCK_M, BLOCK_D
         )
-        b_lse = _merge_lse(
-            p_part, o_r, tl.cdiv(key_len, chunk), NUM_M_TILES * BLOCK_M, BLOCK_M, MERGE_CHUNKS
-        )
+        if LSE_FINAL:
+            # written by another program of this launch: read through L2, not L1
+            b_lse = tl.load(p_lse + o_r, cache_modifier=".cg")
+        else:
+            b_lse = _merge_lse(
+                p_lse, o_r, tl.cdiv(key_len, chunk), NUM_M_TILES * BLOCK_M, BLOCK_M, MERGE_CHUNKS
+            )
         # padding rows get lse = +inf, so exp2(logit - lse) = 0 drops them
         b_lse = tl.where(m_r, b_lse, float("inf"))
         if NUM_M_TILES > 1:
