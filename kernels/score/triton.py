@@ -229,8 +229,9 @@ def _merge_lse(
         o_c = c0 + tl.arange(0, BLOCK_C)
         m_c = (o_c < n_chunks)[:, None]
         p_c = p_part + o_c[:, None] * (2 * M_PAD) + o_r[None, :]
-        b_mc = tl.load(p_c, mask=m_c, other=float("-inf"))
-        b_lc = tl.load(p_c + M_PAD, mask=m_c, other=0.0)
+        # through L2, not L1: in the fused schedule other programs of the launch wrote them
+        b_mc = tl.load(p_c, mask=m_c, other=float("-inf"), cache_modifier=".cg")
+        b_lc = tl.load(p_c + M_PAD, mask=m_c, other=0.0, cache_modifier=".cg")
         b_m_new = tl.maximum(b_m, tl.max(b_mc, 0))
         # rows with no visible key so far keep m = -inf: shift by 0 so exp2 gives 0, not NaN
         b_shift = tl.where(b_m_new == float("-inf"), 0.0, b_m_new)
