@@ -12,6 +12,9 @@ row, and that denominator covers all visible keys, so the keys are read twice.
 3. `score_pool_kernel` (pool_kernel > 1 only): max-pool over the candidate range.
 All logits are in base 2 (scaled by log2(e)) so the exponentials are exp2.
 Chunking over keys gives batch 1 with 8 kv heads enough programs to fill the GPU.
+`score_fused_kernel` (ScoreConfig(schedule="fused")) runs the same chunk bodies in one
+launch of persistent programs, ordered so that each unit's keys are still in L2 when its
+score pass re-reads them (HBM then reads K about once) and with no second launch and tail.
 
 Only tile shapes are compile-time constants; the chunk length and count, which the
 launcher picks per problem, are runtime values. A serving engine thus compiles each
