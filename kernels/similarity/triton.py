@@ -18,6 +18,12 @@ from ..utils import check_same_device
 _BLOCK = 64
 
 
+@triton.jit
+def _inverse_norms(k, eps):
+    k = k.to(tl.float32)
+    return 1.0 / (tl.sqrt(tl.sum(k * k, axis=1)) + eps)
+
+
 # rows and strides follow the step's resident counts: no specialisation on them, so a
 # serving engine compiles this kernel once per head size and dtype
 @triton.jit(do_not_specialize=["max_rows", "s_kj", "s_kh", "s_kn"])
@@ -37,6 +43,7 @@ def similarity_columns_kernel(
     D: tl.constexpr,
     BLOCK_D: tl.constexpr,  # D rounded up to a power of two (at least tl.dot's 16)
     BLOCK: tl.constexpr,
+    EXACT_PRODUCTS: tl.constexpr,  # 16-bit keys: their products are exact in fp32
 ):
     i_jh, i_n = tl.program_id(0), tl.program_id(1)
     i_j = i_jh // num_kv_heads
@@ -46,8 +53,8 @@ def similarity_columns_kernel(
     m_d = o_d < D
     o_n = i_n * BLOCK + tl.arange(0, BLOCK)
     m_n = o_n < n_rows
-    k_n = tl.load(base + o_n[:, None] * s_kn + o_d[None, :], mask=m_n[:, None] & m_d[None, :], other=0.0).to(tl.float32)
-    u_n = k_n / (tl.sqrt(tl.sum(k_n * k_n, axis=1)) + eps)[:, None]
+    k_n = tl.load(base + o_n[:, None] * s_kn + o_d[None, :], mask=m_n[:, None] & m_d[None, :], other=0.0)
+    inv_n = _inverse_norms(k_n, eps)
     b_sum = tl.zeros([BLOCK], dtype=tl.float32)
     b_last = tl.full([BLOCK], -1, dtype=tl.int32)
     b_value = tl.zeros([BLOCK], dtype=tl.float32)
@@ -55,13 +62,17 @@ def similarity_columns_kernel(
     for start in range(0, n_rows, BLOCK):
         o_m = start + tl.arange(0, BLOCK)
         m_m = o_m < n_rows
-        k_m = tl.load(base + o_m[:, None] * s_kn + o_d[None, :], mask=m_m[:, None] & m_d[None, :], other=0.0).to(
-            tl.float32
-        )
-        u_m = k_m / (tl.sqrt(tl.sum(k_m * k_m, axis=1)) + eps)[:, None]
-        # three TF32 products per fp32 one: tensor cores at about fp32's accuracy, so a
-        # near-threshold similarity falls as the reference's does (plain TF32 would not)
-        sim = tl.dot(u_m, tl.trans(u_n), input_precision="tf32x3")  # [rows, columns]
+        k_m = tl.load(base + o_m[:, None] * s_kn + o_d[None, :], mask=m_m[:, None] & m_d[None, :], other=0.0)
+        # cos(m, n) = (k_m . k_n) / (|k_m| |k_n|): the raw dot, then the norms, so that
+        # 16-bit keys take the tensor cores in their own type (exact products, fp32 sums:
+        # the reference's fp32 accuracy at a sixth of TF32x3's work); fp32 keys take three
+        # TF32 products per fp32 one, about fp32's accuracy too (plain TF32 would let a
+        # near-threshold similarity fall on the other side of the reference's)
+        if EXACT_PRODUCTS:
+            dot = tl.dot(k_m, tl.trans(k_n))
+        else:
+            dot = tl.dot(k_m.to(tl.float32), tl.trans(k_n.to(tl.float32)), input_precision="tf32x3")
+        sim = dot * _inverse_norms(k_m, eps)[:, None] * inv_n[None, :]  # [rows, columns]
         counted = m_m[:, None] & m_n[None, :] & (o_m[:, None] != o_n[None, :])
         sim = tl.where(counted, sim, 0.0)
         b_sum += tl.sum(sim, axis=0)
@@ -102,5 +113,8 @@ def similarity_column_stats(
             keys, num_rows, colsum, last, last_value, num_kv_heads, max_rows,
             keys.stride(0), keys.stride(1), keys.stride(2), float(threshold), float(eps),
             D=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)), BLOCK=_BLOCK,
+            # the interpreter multiplies bf16 bit patterns in tl.dot (triton-lang/triton#11584):
+            # on CPU, bf16 keys take the fp32 path
+            EXACT_PRODUCTS=keys.dtype == torch.float16 or (keys.dtype == torch.bfloat16 and keys.is_cuda),
         )
     return colsum, last, last_value
