@@ -1,20 +1,18 @@
 """Microbenchmarks of the eviction kernels on one CUDA GPU, Llama-3.1-8B shapes.
 
-    python benchmarks/kernels/bench_kernels.py [--sweep fused|split|none] [--out benchmarks/results]
+    python benchmarks/kernels/bench_kernels.py [--no-sweep] [--out benchmarks/results]
 
 For prompts of 8K, 32K and 128K tokens at batch 1 and 16 (32 query heads, 8 kv heads,
 head_dim 128, bf16, block_size 16, NHD cache, 32 soft tokens per request as in Judge Q):
-- `score_paged` on one layer, with each schedule ("split": two launches; "fused": one
-  persistent launch that re-reads each unit's keys from L2): time, bytes read and written,
-  GB/s, % of peak HBM, the time of each of its kernels (torch.profiler), the host time of
-  one call, the time of the call replayed from a CUDA graph, and the time with L2 emptied
-  by a read instead of do_bench's write (see `_bench_clean_l2`);
+- `score_paged` on one layer: time, bytes read and written, GB/s, % of peak HBM, the
+  time of each of its kernels (torch.profiler), the host time of one call, the time of
+  the call replayed from a CUDA graph, and the time with L2 emptied by a read instead of
+  do_bench's write (see `_bench_clean_l2`);
 - `compact_paged` down to 1,024 kept tokens per head, all layers in one launch (32 layers,
   fewer where 32 do not fit in memory);
 - `torch.topk` of 1,024 over the [B, 8, T] scores, with the sort of the kept indices;
 - a torch device-to-device copy, as a reachable-bandwidth sanity figure;
-- `ScoreConfig` variants at 32K tokens, to re-tune the defaults: by default those of the
-  fused schedule (FUSED_SWEEP), with --sweep split those of the split one (SWEEP, SWEEP_B1).
+- (unless --no-sweep) `ScoreConfig` variants at 32K tokens, to re-tune the defaults.
 Times are medians of `triton.testing.do_bench`, which clears L2 before every run. Writes
 benchmarks/results/kernels-<device>-<date>.json and prints a table.
 """
@@ -68,32 +66,13 @@ SWEEP_B1 = [
     for warps in (4, 8)
     if chunk >= 2 * block_n
 ]
-# the fused schedule's knobs at batch 1 (keys per item, tile, pipeline depth, programs per
-# SM, units of lag), then its default at batch 16
-FUSED_SWEEP = [
-    (1, ScoreConfig(schedule="fused", chunk=chunk, block_n=block_n, num_stages=stages))
-    for chunk in (256, 512, 1024)
-    for block_n in (64, 128)
-    for stages in (2, 3)
-] + [
-    (1, ScoreConfig(schedule="fused", chunk=chunk, block_n=64, programs_per_sm=3))
-    for chunk in (256, 512)
-] + [
-    (1, ScoreConfig(schedule="fused", lag=lag)) for lag in (1, 2, 8)
-] + [
-    (16, ScoreConfig(schedule="fused", chunk=chunk)) for chunk in (256, 512, 1024)
-]
-SCHEDULES = ("split", "fused")
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
-    parser.add_argument(
-        "--sweep", choices=("fused", "split", "none"), default="fused",
-        help="ScoreConfig variants to time at 32K tokens (default: the fused schedule's)",
-    )
+    parser.add_argument("--no-sweep", action="store_true", help="skip the ScoreConfig sweep")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_kernels.py needs a CUDA GPU")
@@ -119,12 +98,11 @@ def main() -> None:
             "is never read. These algorithmic bytes are what every pct_peak_hbm uses, the "
             "acceptance figure included (graph_pct_peak_hbm at 32K, batch 1). do_bench clears "
             "L2 before each call, but the score pass may find in L2 keys the stats pass just "
-            "read (all of them when K fits, 8K tokens; most of them by design with the fused "
-            "schedule), so GB/s is then an effective figure, not HBM traffic: hbm_bytes_min "
-            "counts K once (the least HBM traffic of a call) and graph_pct_peak_hbm_min is "
-            "the graph time's percent of peak on those bytes. ms and pct_peak_hbm are eager "
-            "calls timed by do_bench; graph_ms "
-            "replays the same call from a CUDA graph (no host work); host_us is the CPU time "
+            "read (all of them when K fits, 8K tokens), so GB/s is then an effective figure, "
+            "not HBM traffic: hbm_bytes_min counts K once (the least HBM traffic of a call) "
+            "and graph_pct_peak_hbm_min is the graph time's percent of peak on those bytes. "
+            "ms and pct_peak_hbm are eager calls timed by do_bench; graph_ms replays the "
+            "same call from a CUDA graph (no host work); host_us is the CPU time "
             "of one eager call, which bounds back-to-back eager calls when it exceeds the GPU "
             "time (do_bench's L2 flush, a 256 MB write, gives the host a head start of about "
             "0.08 ms per call). That flush also leaves L2 full of dirty lines, which the call "
@@ -141,18 +119,11 @@ def main() -> None:
     }
     for T in PROMPTS:
         for B in BATCHES:
-            for schedule in SCHEDULES:
-                report["score"].append(
-                    bench_score(T, B, peak, ScoreConfig(schedule=schedule), profile=True)
-                )
+            report["score"].append(bench_score(T, B, peak, ScoreConfig(), profile=True))
             report["topk"].append(bench_topk(T, B))
             report["compact"].append(bench_compact(T, B, peak))
-    grid = {
-        "fused": FUSED_SWEEP,
-        "split": [(B, cfg) for B in BATCHES for cfg in SWEEP] + [(1, cfg) for cfg in SWEEP_B1],
-        "none": [],
-    }[args.sweep]
-    if grid:
+    if not args.no_sweep:
+        grid = [(B, cfg) for B in BATCHES for cfg in SWEEP] + [(1, cfg) for cfg in SWEEP_B1]
         for B, cfg in grid:
             row = bench_score(SWEEP_PROMPT, B, peak, cfg, profile=False)
             row["config"] = {k: v for k, v in vars(cfg).items()}
@@ -220,8 +191,7 @@ def bench_score(T: int, B: int, peak: float | None, cfg: ScoreConfig, profile: b
     # the least a call can move through HBM: K once, when the second read hits L2
     hbm_bytes_min = B * key_len * k_row + small
     row = {
-        "schedule": resolved.schedule, "prompt_len": T, "batch": B, "key_len": key_len,
-        "chunk": chunk, "block_n": resolved.block_n, "ms": ms,
+        "prompt_len": T, "batch": B, "key_len": key_len, "chunk": chunk, "block_n": resolved.block_n, "ms": ms,
         "bytes": bytes_moved, "gbps": bytes_moved / ms / 1e6,
         "pct_peak_hbm": 100 * bytes_moved / ms / 1e6 / peak if peak else None,
         "k_bytes_once": B * key_len * k_row, "hbm_bytes_min": hbm_bytes_min,
@@ -342,7 +312,7 @@ def print_tables(report: dict) -> None:
     print("\nscore_paged, one layer (32 soft tokens, Llama-3.1-8B heads)")
     print("(%peak on algorithmic bytes, K read twice; 'graph' is the acceptance figure, "
           "'g-hbm' the graph time on K read once)")
-    print(f"{'schedule':>8} {'prompt':>8} {'B':>3} {'ms':>8} {'MB':>9} {'GB/s':>7} {'%peak':>6} "
+    print(f"{'prompt':>8} {'B':>3} {'ms':>8} {'MB':>9} {'GB/s':>7} {'%peak':>6} "
           f"{'graph':>6} {'g-hbm':>6} {'gr ms':>7} {'clean':>6} {'host us':>7}  kernels (ms)")
     for r in report["score"]:
         kernels = " ".join(
@@ -350,10 +320,10 @@ def print_tables(report: dict) -> None:
             if isinstance(v, float) else f"{k}={v}"
             for k, v in r["kernels_ms"].items()
         )
-        print(f"{r['schedule']:>8} {r['prompt_len']:>8} {r['batch']:>3} {r['ms']:>8.3f} "
-              f"{r['bytes'] / 1e6:>9.1f} {r['gbps']:>7.0f} {_pct(r['pct_peak_hbm']):>6} "
-              f"{_pct(r['graph_pct_peak_hbm']):>6} {_pct(r['graph_pct_peak_hbm_min']):>6} "
-              f"{r['graph_ms']:>7.4f} {_pct(r['clean_l2_pct_peak_hbm']):>6} {r['host_us']:>7.1f}  {kernels}")
+        print(f"{r['prompt_len']:>8} {r['batch']:>3} {r['ms']:>8.3f} {r['bytes'] / 1e6:>9.1f} "
+              f"{r['gbps']:>7.0f} {_pct(r['pct_peak_hbm']):>6} {_pct(r['graph_pct_peak_hbm']):>6} "
+              f"{_pct(r['graph_pct_peak_hbm_min']):>6} {r['graph_ms']:>7.4f} "
+              f"{_pct(r['clean_l2_pct_peak_hbm']):>6} {r['host_us']:>7.1f}  {kernels}")
     print(f"\ncompact_paged to {KEPT} kept tokens per head, all layers in one launch")
     print(f"{'prompt':>8} {'B':>3} {'layers':>6} {'ms':>8} {'ms/layer':>9} {'GB/s':>7} {'%peak':>6}")
     for r in report["compact"]:
@@ -363,13 +333,13 @@ def print_tables(report: dict) -> None:
     print(f"{'prompt':>8} {'B':>3} {'topk ms':>9} {'+sort ms':>9}")
     for r in report["topk"]:
         print(f"{r['prompt_len']:>8} {r['batch']:>3} {r['topk_ms']:>9.3f} {r['topk_sort_ms']:>9.3f}")
+    score = next(r for r in report["score"] if r["prompt_len"] == 32768 and r["batch"] == 1)
     compact = next(r for r in report["compact"] if r["prompt_len"] == 32768 and r["batch"] == 1)
-    for score in (r for r in report["score"] if r["prompt_len"] == 32768 and r["batch"] == 1):
-        print(f"\nacceptance ({score['schedule']}): score 32K B=1 under a CUDA graph at "
-              f"{_pct(score['graph_pct_peak_hbm'])}% of peak HBM on algorithmic bytes (>= 60), "
-              f"{_pct(score['graph_pct_peak_hbm_min'])}% on K read once; eager "
-              f"{_pct(score['pct_peak_hbm'])}%", end="")
-    print(f"\nacceptance: compact 32K -> {KEPT} x {compact['layers']} layers in "
+    print(f"\nacceptance: score 32K B=1 under a CUDA graph at "
+          f"{_pct(score['graph_pct_peak_hbm'])}% of peak HBM on algorithmic bytes (>= 60), "
+          f"{_pct(score['graph_pct_peak_hbm_min'])}% on K read once; eager "
+          f"{_pct(score['pct_peak_hbm'])}%")
+    print(f"acceptance: compact 32K -> {KEPT} x {compact['layers']} layers in "
           f"{compact['ms']:.3f} ms (< 0.5)")
     if report["sweep"]:
         print("\nScoreConfig sweep at 32K tokens")

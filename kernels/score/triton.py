@@ -12,9 +12,6 @@ row, and that denominator covers all visible keys, so the keys are read twice.
 3. `score_pool_kernel` (pool_kernel > 1 only): max-pool over the candidate range.
 All logits are in base 2 (scaled by log2(e)) so the exponentials are exp2.
 Chunking over keys gives batch 1 with 8 kv heads enough programs to fill the GPU.
-`score_fused_kernel` (ScoreConfig(schedule="fused")) runs the same chunk bodies in one
-launch of persistent programs, ordered so that each unit's keys are still in L2 when its
-score pass re-reads them (HBM then reads K about once) and with no second launch and tail.
 
 Only tile shapes are compile-time constants; the chunk length and count, which the
 launcher picks per problem, are runtime values. A serving engine thus compiles each
@@ -35,9 +32,6 @@ from ..utils import check_index_tensor, check_kv_cache, check_same_device, num_s
 LOG2E = 1.4426950408889634
 # chunks' partial stats merged per load in the score pass
 MERGE_CHUNKS = tl.constexpr(32)
-# keys per item of the fused schedule: 264 programs (H100) x 512 keys x 256 B of K per key
-# and head is 34 MB, the keys read between a unit's two reads, under the 50 MB L2
-FUSED_CHUNK = 512
 
 
 @triton.jit
@@ -146,46 +140,12 @@ def score_stats_kernel(
     t_start = i_c * chunk
     if t_start >= key_len:
         return
-    p_part = part + ((i_b * HKV + i_h) * NC + i_c) * (2 * NUM_M_TILES * BLOCK_M)
-    _stats_chunk(
-        q, kv_cache, block_tables + i_b * s_bt, p_part, bos, n_obs, key_len, i_h, t_start,
-        qk_scale, s_qt, s_qh, s_kb, s_kh, s_kt, G, D, BS, chunk, BLOCK_M, BLOCK_N, BLOCK_D,
-        NUM_M_TILES, DOT_PRECISION,
-    )
-
-
-@triton.jit
-def _stats_chunk(
-    q,
-    kv_cache,
-    p_bt,  # block table row of the request
-    p_part,  # [2, M_PAD] fp32 stats of this chunk
-    bos,
-    n_obs,
-    key_len,
-    i_h,
-    t_start,
-    qk_scale,
-    s_qt: tl.int64,
-    s_qh: tl.int64,
-    s_kb: tl.int64,
-    s_kh: tl.int64,
-    s_kt: tl.int64,
-    G: tl.constexpr,
-    D: tl.constexpr,
-    BS: tl.constexpr,
-    chunk,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    NUM_M_TILES: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-):
-    # per obs row: max and sum of exp2 of the base-2 logits over keys [t_start, t_start + chunk)
     t_end = tl.minimum(t_start + chunk, key_len)
     # keys before key_len - n_obs + 1 are visible to every obs row: their tiles need no mask
     t_full = tl.minimum(t_end, key_len - n_obs + 1)
     t_split = t_start + tl.maximum(t_full - t_start, 0) // BLOCK_N * BLOCK_N
+    p_bt = block_tables + i_b * s_bt
+    p_part = part + ((i_b * HKV + i_h) * NC + i_c) * (2 * NUM_M_TILES * BLOCK_M)
 
     # rows past n_obs * G load zero queries and get garbage stats that the score pass ignores
     for i_m in range(NUM_M_TILES):
@@ -232,9 +192,8 @@ def _merge_lse(
         o_c = c0 + tl.arange(0, BLOCK_C)
         m_c = (o_c < n_chunks)[:, None]
         p_c = p_part + o_c[:, None] * (2 * M_PAD) + o_r[None, :]
-        # through L2, not L1: in the fused schedule other programs of the launch wrote them
-        b_mc = tl.load(p_c, mask=m_c, other=float("-inf"), cache_modifier=".cg")
-        b_lc = tl.load(p_c + M_PAD, mask=m_c, other=0.0, cache_modifier=".cg")
+        b_mc = tl.load(p_c, mask=m_c, other=float("-inf"))
+        b_lc = tl.load(p_c + M_PAD, mask=m_c, other=0.0)
         b_m_new = tl.maximum(b_m, tl.max(b_mc, 0))
         # rows with no visible key so far keep m = -inf: shift by 0 so exp2 gives 0, not NaN
         b_shift = tl.where(b_m_new == float("-inf"), 0.0, b_m_new)
@@ -297,46 +256,7 @@ def score_kernel(
     n_obs = tl.load(query_start_loc + i_b + 1).to(tl.int64) - bos
     key_len = tl.load(key_lens + i_b).to(tl.int64)
     n_cand = tl.load(num_candidates + i_b).to(tl.int64)
-    p_part = part + (i_b * HKV + i_h) * NC * (2 * NUM_M_TILES * BLOCK_M)
-    _score_chunk(
-        q, kv_cache, block_tables + i_b * s_bt, p_part, scores + i_b * s_sb + i_h * s_sh, bos,
-        n_obs, key_len, n_cand, i_h, i_c * chunk, T_OUT, qk_scale, s_qt, s_qh, s_kb, s_kh,
-        s_kt, G, D, BS, chunk, BLOCK_M, BLOCK_N, BLOCK_D, NUM_M_TILES, DOT_PRECISION, False,
-    )
-
-
-@triton.jit
-def _score_chunk(
-    q,
-    kv_cache,
-    p_bt,  # block table row of the request
-    p_lse,  # LSE_FINAL: [M_PAD] fp32 lse of the rows; else [NC, 2, M_PAD] per-chunk stats
-    p_s,  # [T_OUT] fp32 scores row of (request, kv head)
-    bos,
-    n_obs,
-    key_len,
-    n_cand,
-    i_h,
-    t_start,
-    T_OUT,
-    qk_scale,
-    s_qt: tl.int64,
-    s_qh: tl.int64,
-    s_kb: tl.int64,
-    s_kh: tl.int64,
-    s_kt: tl.int64,
-    G: tl.constexpr,
-    D: tl.constexpr,
-    BS: tl.constexpr,
-    chunk,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    NUM_M_TILES: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-    LSE_FINAL: tl.constexpr,
-):
-    # scores of the candidates in [t_start, t_start + chunk), -inf for the rest of the range
+    t_start = i_c * chunk
     t_end = tl.minimum(t_start + chunk, T_OUT)
     t_stop = tl.minimum(t_end, n_cand)
     t_full = tl.minimum(t_stop, key_len - n_obs + 1)
@@ -344,6 +264,9 @@ def _score_chunk(
     # diagonal or the end of the candidates; [t_fill, t_end): no candidate, -inf only
     t_split = t_start + tl.maximum(t_full - t_start, 0) // BLOCK_N * BLOCK_N
     t_fill = t_start + tl.cdiv(tl.maximum(t_stop - t_start, 0), BLOCK_N) * BLOCK_N
+    p_bt = block_tables + i_b * s_bt
+    p_part = part + (i_b * HKV + i_h) * NC * (2 * NUM_M_TILES * BLOCK_M)
+    p_s = scores + i_b * s_sb + i_h * s_sh
 
     for t0 in range(t_fill, t_end, BLOCK_N):
         o_t = t0 + tl.arange(0, BLOCK_N)
@@ -355,13 +278,9 @@ def _score_chunk(
         o_r, m_r, b_q, b_lim = _load_obs_queries(
             q, bos, n_obs, key_len, i_h, i_m, s_qt, s_qh, G, D, BLOCK_M, BLOCK_D
         )
-        if LSE_FINAL:
-            # written by another program of this launch: read through L2, not L1
-            b_lse = tl.load(p_lse + o_r, cache_modifier=".cg")
-        else:
-            b_lse = _merge_lse(
-                p_lse, o_r, tl.cdiv(key_len, chunk), NUM_M_TILES * BLOCK_M, BLOCK_M, MERGE_CHUNKS
-            )
+        b_lse = _merge_lse(
+            p_part, o_r, tl.cdiv(key_len, chunk), NUM_M_TILES * BLOCK_M, BLOCK_M, MERGE_CHUNKS
+        )
         # padding rows get lse = +inf, so exp2(logit - lse) = 0 drops them
         b_lse = tl.where(m_r, b_lse, float("inf"))
         if NUM_M_TILES > 1:
@@ -386,139 +305,6 @@ def _score_chunk(
             if NUM_M_TILES > 1:
                 b_acc += tl.load(p_s + o_t, mask=(o_t < t_end) & (i_m > 0), other=0.0)
             tl.store(p_s + o_t, b_acc)
-
-
-@triton.jit
-def _fused_item(i_item, NUM_UNITS, NC, NCS, LAG):
-    # item order of score_fused_kernel: the stats items of units 0..LAG-1, then per unit
-    # u >= LAG its stats items followed by the score items of unit u - LAG, then the score
-    # items of the last LAG units. Every score item comes after all stats items of its unit.
-    n_lead = LAG * NC
-    per_step = NC + NCS
-    n_mid = (NUM_UNITS - LAG) * per_step
-    i_mid = i_item - n_lead
-    step = i_mid // per_step
-    r = i_mid - step * per_step
-    i_tail = i_mid - n_mid
-    in_lead = i_item < n_lead
-    in_mid = (i_mid >= 0) & (i_mid < n_mid)
-    is_stats = in_lead | (in_mid & (r < NC))
-    u = tl.where(
-        in_lead, i_item // NC,
-        tl.where(in_mid, tl.where(r < NC, LAG + step, step), NUM_UNITS - LAG + i_tail // NCS),
-    )
-    i_c = tl.where(
-        in_lead, i_item % NC, tl.where(in_mid, tl.where(r < NC, r, r - NC), i_tail % NCS)
-    )
-    return is_stats, u, i_c
-
-
-@triton.jit
-def _finalize_lse(
-    p_part,  # [NC, 2, M_PAD] fp32 per-chunk row stats of one unit
-    p_lse,  # [M_PAD] fp32
-    n_chunks,
-    BLOCK_M: tl.constexpr,
-    NUM_M_TILES: tl.constexpr,
-):
-    for i_m in range(NUM_M_TILES):
-        o_r = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        b_lse = _merge_lse(p_part, o_r, n_chunks, NUM_M_TILES * BLOCK_M, BLOCK_M, MERGE_CHUNKS)
-        tl.store(p_lse + o_r, b_lse)
-
-
-@triton.jit(do_not_specialize=["NC", "NCS", "T_OUT", "NUM_UNITS", "LAG", "s_sb", "s_sh"])
-def score_fused_kernel(
-    q,  # [total_obs, HQ, D]
-    query_start_loc,  # [B + 1]
-    kv_cache,  # [num_blocks, HKV, BS, 2 * D]
-    block_tables,  # [B, max_blocks_per_req]
-    key_lens,  # [B]
-    num_candidates,  # [B]
-    part,  # [B * HKV, NC, 2, M_PAD] fp32 per-chunk row stats
-    lse,  # [B * HKV, M_PAD] fp32 base-2 log-sum-exp of each unit's rows
-    sync,  # [2 + 2 * B * HKV] int32, zero at entry and at exit: next item, programs done,
-    # then per unit its finished stats items and whether its lse is written
-    scores,  # [B, HKV, T_OUT] fp32
-    qk_scale,
-    s_qt: tl.int64,
-    s_qh: tl.int64,
-    s_kb: tl.int64,
-    s_kh: tl.int64,
-    s_kt: tl.int64,
-    s_bt: tl.int64,
-    s_sb: tl.int64,
-    s_sh: tl.int64,
-    NC,
-    NCS,
-    T_OUT,
-    NUM_UNITS,
-    LAG,
-    HKV: tl.constexpr,
-    G: tl.constexpr,
-    D: tl.constexpr,
-    BS: tl.constexpr,
-    chunk,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    NUM_M_TILES: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-):
-    # Both passes in one launch of persistent programs, which take items (a chunk of one
-    # unit = (request, kv head), stats or score) in the order of _fused_item from an atomic
-    # counter. A score item waits for its unit's lse, written by whichever program finishes
-    # the unit's last stats item. Items are taken in order and an item only waits for
-    # earlier ones, held by running programs: no deadlock, whatever the residency.
-    # LAG units of stats items separate a unit's two reads of its keys: with about one wave
-    # of items in between, the second read finds them in L2.
-    M_PAD: tl.constexpr = NUM_M_TILES * BLOCK_M
-    p_done = sync + 2
-    p_ready = sync + 2 + NUM_UNITS
-    n_items = NUM_UNITS * (NC + NCS)
-    i_item = tl.atomic_add(sync, 1, sem="relaxed")
-    while i_item < n_items:
-        is_stats, u, i_c = _fused_item(i_item, NUM_UNITS, NC, NCS, LAG)
-        u = u.to(tl.int64)
-        i_b = u // HKV
-        i_h = u % HKV
-        bos = tl.load(query_start_loc + i_b).to(tl.int64)
-        n_obs = tl.load(query_start_loc + i_b + 1).to(tl.int64) - bos
-        key_len = tl.load(key_lens + i_b).to(tl.int64)
-        p_part = part + u * NC * (2 * M_PAD)
-        if is_stats:
-            t_start = i_c * chunk
-            if t_start < key_len:
-                _stats_chunk(
-                    q, kv_cache, block_tables + i_b * s_bt, p_part + i_c * (2 * M_PAD), bos,
-                    n_obs, key_len, i_h, t_start, qk_scale, s_qt, s_qh, s_kb, s_kh, s_kt, G, D,
-                    BS, chunk, BLOCK_M, BLOCK_N, BLOCK_D, NUM_M_TILES, DOT_PRECISION,
-                )
-            # every thread's stores before the count (the atomic is one thread's release)
-            tl.debug_barrier()
-            if tl.atomic_add(p_done + u, 1, sem="acq_rel") == NC - 1:
-                _finalize_lse(p_part, lse + u * M_PAD, tl.cdiv(key_len, chunk), BLOCK_M, NUM_M_TILES)
-                tl.debug_barrier()
-                tl.atomic_xchg(p_ready + u, 1, sem="release")
-        else:
-            ready = tl.atomic_add(p_ready + u, 0, sem="acquire")
-            while ready == 0:
-                ready = tl.atomic_add(p_ready + u, 0, sem="acquire")
-            tl.debug_barrier()
-            n_cand = tl.load(num_candidates + i_b).to(tl.int64)
-            _score_chunk(
-                q, kv_cache, block_tables + i_b * s_bt, lse + u * M_PAD,
-                scores + i_b * s_sb + i_h * s_sh, bos, n_obs, key_len, n_cand, i_h, i_c * chunk,
-                T_OUT, qk_scale, s_qt, s_qh, s_kb, s_kh, s_kt, G, D, BS, chunk, BLOCK_M, BLOCK_N,
-                BLOCK_D, NUM_M_TILES, DOT_PRECISION, True,
-            )
-        i_item = tl.atomic_add(sync, 1, sem="relaxed")
-    # the last program out zeroes the counters for the next call (no memset launch); the
-    # others have taken their last item, so nothing reads them any more
-    if tl.atomic_add(sync + 1, 1, sem="acq_rel") == tl.num_programs(0) - 1:
-        for i0 in range(0, 2 + 2 * NUM_UNITS, 1024):
-            o_s = i0 + tl.arange(0, 1024)
-            tl.store(sync + o_s, tl.zeros([1024], tl.int32), mask=o_s < 2 + 2 * NUM_UNITS)
 
 
 @triton.jit(do_not_specialize=["s_sb", "s_sh", "T_OUT"])
@@ -560,17 +346,6 @@ class ScoreConfig:
             chunk that allows it), else 64 (see `resolved`).
         num_warps: warps per program.
         num_stages: software-pipelining depth of the key loads.
-        schedule: "split", the stats pass then the score pass, one launch each, one
-            program per chunk; or "fused", both passes in one launch of persistent
-            programs taking chunks in an order that keeps each unit's keys in L2 between
-            its two reads (see `score_fused_kernel`). Made for batch 1, where "split" is a
-            single short wave per launch; "split" stays the default until the fused
-            schedule is measured (benchmarks/kernels/bench_kernels.py).
-        chunk (fused): None picks FUSED_CHUNK, whose wave of programs reads ~34 MB of keys
-            on H100 (Llama heads), under its 50 MB L2.
-        lag (fused): units (request, kv head) whose stats items run before a unit's score
-            items; None: the nearest to one wave of programs.
-        programs_per_sm (fused): persistent programs per SM.
     """
 
     chunk: int | None = None
@@ -578,18 +353,11 @@ class ScoreConfig:
     block_n: int | None = None
     num_warps: int = 4
     num_stages: int = 2
-    schedule: str = "split"
-    lag: int | None = None
-    programs_per_sm: int = 2
 
     def resolved(
         self, batch: int, num_kv_heads: int, max_key_len: int, device: torch.device
     ) -> "ScoreConfig":
         """This config with `block_n` and `chunk` filled in for the given problem."""
-        if self.schedule not in ("split", "fused"):
-            raise ValueError(f"score_paged: schedule must be 'split' or 'fused', got {self.schedule!r}")
-        if self.schedule == "fused":
-            return self._resolved_fused()
         if self.block_n is None:
             # H100, Llama-3.1-8B heads: 128-key tiles keep more bytes in flight per program,
             # 10-20% faster from 32K keys at batch 1 and from 8K at batch 16, but 12% slower
@@ -618,18 +386,6 @@ class ScoreConfig:
                 best, best_cost = chunk, cost
             chunk *= 2
         return replace(self, chunk=best)
-
-    def _resolved_fused(self) -> "ScoreConfig":
-        chunk = self.chunk or FUSED_CHUNK
-        block_n = self.block_n or (128 if chunk % 128 == 0 else 64)
-        if min(self.block_m, block_n) < 16 or chunk % block_n != 0 or self.programs_per_sm < 1:
-            raise ValueError(
-                f"score_paged: the fused schedule needs tiles of at least 16, a chunk that is a "
-                f"multiple of block_n and programs_per_sm >= 1, got {self} (block_n={block_n})"
-            )
-        if self.lag is not None and self.lag < 1:
-            raise ValueError(f"score_paged: lag must be >= 1, got {self.lag}")
-        return replace(self, chunk=chunk, block_n=block_n)
 
 
 def score_paged(
@@ -715,32 +471,24 @@ def score_paged(
         config or ScoreConfig(), B, HKV, queries.shape[1] // HKV, D, BS, max_num_obs,
         max_key_len, max_num_candidates, kv_cache.dtype, device,
     )
-    # the per-chunk row stats live only during the call
+    # the per-chunk row stats live only between the two launches
     part = torch.empty(plan.part_numel, dtype=torch.float32, device=device)
-    raw = scores if pool_kernel == 1 else torch.empty_like(scores)
+    qk_scale = scale * LOG2E
     s_qt, s_qh, _ = queries.stride()
     s_kb, s_kh, s_kt, _ = kv_cache.stride()
-    args = dict(
+    strides = dict(s_qt=s_qt, s_qh=s_qh, s_kb=s_kb, s_kh=s_kh, s_kt=s_kt, s_bt=block_tables.stride(0))
+    score_stats_kernel[plan.stats_grid](
         q=queries, query_start_loc=query_start_loc, kv_cache=kv_cache, block_tables=block_tables,
-        key_lens=key_lens, part=part, qk_scale=scale * LOG2E, s_qt=s_qt, s_qh=s_qh, s_kb=s_kb,
-        s_kh=s_kh, s_kt=s_kt, s_bt=block_tables.stride(0), NC=plan.num_chunks, HKV=HKV,
-        **plan.meta,
+        key_lens=key_lens, part=part, qk_scale=qk_scale, NC=plan.num_chunks, HKV=HKV,
+        **strides, **plan.meta,
     )
-    score_args = dict(
-        num_candidates=num_candidates, scores=raw, s_sb=raw.stride(0), s_sh=raw.stride(1),
-        T_OUT=max_num_candidates,
+    raw = scores if pool_kernel == 1 else torch.empty_like(scores)
+    score_kernel[plan.score_grid](
+        q=queries, query_start_loc=query_start_loc, kv_cache=kv_cache, block_tables=block_tables,
+        key_lens=key_lens, num_candidates=num_candidates, part=part, scores=raw,
+        qk_scale=qk_scale, s_sb=raw.stride(0), s_sh=raw.stride(1), NC=plan.num_chunks,
+        T_OUT=max_num_candidates, HKV=HKV, **strides, **plan.meta,
     )
-    if plan.schedule == "fused":
-        num_units = B * HKV
-        score_fused_kernel[(plan.num_programs,)](
-            lse=torch.empty(num_units * plan.meta["NUM_M_TILES"] * plan.meta["BLOCK_M"],
-                            dtype=torch.float32, device=device),
-            sync=_sync_counters(device, 2 + 2 * num_units), NCS=plan.num_score_chunks,
-            NUM_UNITS=num_units, LAG=plan.lag, **args, **score_args,
-        )
-    else:
-        score_stats_kernel[plan.stats_grid](**args)
-        score_kernel[plan.score_grid](**args, **score_args)
     if pool_kernel > 1:
         BLOCK_T = 1024
         score_pool_kernel[(triton.cdiv(max_num_candidates, BLOCK_T), HKV, B)](
@@ -751,14 +499,10 @@ def score_paged(
 
 
 class _LaunchPlan(NamedTuple):
-    schedule: str
     num_chunks: int
-    num_score_chunks: int
     part_numel: int
     stats_grid: tuple[int, int, int]
     score_grid: tuple[int, int, int]
-    num_programs: int  # fused: persistent programs
-    lag: int  # fused: see ScoreConfig.lag
     meta: dict
 
 
@@ -782,7 +526,6 @@ def _launch_plan(
     BLOCK_M = min(cfg.block_m, max(16, triton.next_power_of_2(max_num_obs * G)))
     NUM_M_TILES = triton.cdiv(max_num_obs * G, BLOCK_M)
     NC = triton.cdiv(max_key_len, cfg.chunk)
-    NCS = triton.cdiv(max_num_candidates, cfg.chunk)
     meta = dict(
         G=G, D=D, BS=BS, chunk=cfg.chunk, BLOCK_M=BLOCK_M, BLOCK_N=cfg.block_n,
         BLOCK_D=triton.next_power_of_2(D), NUM_M_TILES=NUM_M_TILES,
@@ -791,35 +534,13 @@ def _launch_plan(
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
-    slots = cfg.programs_per_sm * num_sms(device)
-    num_units = B * HKV
     return _LaunchPlan(
-        schedule=cfg.schedule,
         num_chunks=NC,
-        num_score_chunks=NCS,
-        part_numel=num_units * NC * 2 * NUM_M_TILES * BLOCK_M,
+        part_numel=B * HKV * NC * 2 * NUM_M_TILES * BLOCK_M,
         stats_grid=(NC, HKV, B),
-        score_grid=(NCS, HKV, B),
-        num_programs=min(slots, num_units * (NC + NCS)),
-        # about one wave of items between a unit's stats and its scores: fewer and score
-        # items wait for their lse, more and the unit's keys leave L2 before the second read
-        lag=min(num_units, cfg.lag or max(1, round(slots / NC))),
+        score_grid=(triton.cdiv(max_num_candidates, cfg.chunk), HKV, B),
         meta=meta,
     )
-
-
-_SYNC_COUNTERS: dict[torch.device, torch.Tensor] = {}
-
-
-def _sync_counters(device: torch.device, numel: int) -> torch.Tensor:
-    """The fused schedule's counters, zeroed once here and by each launch as it ends, so a
-    call launches no memset. Calls on one device must not overlap in time (one stream, as
-    vLLM's model runner and CUDA graphs of it run); a larger problem gets a fresh buffer."""
-    counters = _SYNC_COUNTERS.get(device)
-    if counters is None or counters.numel() < numel:
-        counters = torch.zeros(max(numel, 1024), dtype=torch.int32, device=device)
-        _SYNC_COUNTERS[device] = counters
-    return counters
 
 
 def _checked_maxima(

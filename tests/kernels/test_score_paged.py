@@ -1,15 +1,9 @@
 """`score_paged` against `naive_score_paged` on random paged caches."""
 
-from dataclasses import replace
-
 import pytest
 import torch
 
-import triton
-import triton.language as tl
-
 from judgeq_vllm.kernels import ScoreConfig, naive_score_paged, score_paged
-from judgeq_vllm.kernels.score import triton as score_triton
 
 # scores are sums of softmax probabilities (O(n_obs * G) in total); 1e-3 relative in fp32
 RTOL, ATOL = 1e-3, 1e-6
@@ -99,105 +93,6 @@ def test_score_paged_peaked_softmax(paged_cache, device):
     check(args, 64**-0.5, config=ScoreConfig(chunk=64))
 
 
-FUSED = ScoreConfig(schedule="fused", chunk=64, block_n=32)
-
-
-@pytest.mark.parametrize(
-    "G,D,BS",
-    [
-        pytest.param(G, D, BS, id=f"G{G}-D{D}-BS{BS}")
-        for G in (1, 4, 8)
-        for D in (64, 128)
-        for BS in (16, 32)
-    ],
-)
-def test_score_paged_fused(paged_cache, device, G, D, BS):
-    """The fused schedule on the ragged requests of test_score_paged."""
-    torch.manual_seed(0)
-    args = make_inputs(paged_cache, device, [150, 63, 97], [7, 3, 1], G, 2, D, BS, torch.float32)
-    check(args, D**-0.5, config=FUSED)
-
-
-@pytest.mark.parametrize(
-    "lens,n_obs,cand,layout,pool,config",
-    [
-        pytest.param([300, 45, 129], [9, 4, 2], "all", "NHD", 1, FUSED, id="all-cand"),
-        pytest.param([300, 45, 129], [9, 4, 2], "half", "HND", 1, FUSED, id="half-cand-HND"),
-        pytest.param([200, 77], [32, 16], "judgeq", "padded", 1, replace(FUSED, block_m=16), id="m-tiles-padded"),
-        pytest.param([200, 77], [32, 16], "all", "NHD", 1, replace(FUSED, block_m=32), id="m-tiles-all"),
-        pytest.param([250, 40, 129], [6, 3, 1], "judgeq", "NHD", 7, FUSED, id="pool7"),
-        pytest.param([250, 40, 129], [6, 3, 1], "all", "HND", 3, FUSED, id="pool3-all"),
-        pytest.param([64, 32], [32, 32], "judgeq", "NHD", 5, FUSED, id="obs-only-tail"),
-        pytest.param([1000, 63], [8, 5], "judgeq", "NHD", 1, ScoreConfig(schedule="fused"), id="default-chunk"),
-        pytest.param([300, 45, 129], [9, 4, 2], "all", "NHD", 1, replace(FUSED, lag=1), id="lag1"),
-        pytest.param([300, 45, 129], [9, 4, 2], "all", "NHD", 1, replace(FUSED, lag=99), id="lag-all"),
-        pytest.param([300, 45], [9, 4], "judgeq", "NHD", 1, replace(FUSED, programs_per_sm=5), id="programs5"),
-    ],
-)
-def test_score_paged_fused_shapes(paged_cache, device, lens, n_obs, cand, layout, pool, config):
-    torch.manual_seed(0)
-    args = make_inputs(paged_cache, device, lens, n_obs, 4, 2, 64, 16, torch.float32, layout, cand)
-    check(args, 64**-0.5, pool, config)
-
-
-def test_score_paged_fused_peaked_softmax_and_fp16(paged_cache, device):
-    torch.manual_seed(0)
-    args = make_inputs(paged_cache, device, [700, 90], [6, 3], 4, 2, 64, 16, torch.float32, q_scale=40.0)
-    check(args, 64**-0.5, config=FUSED)
-    args = make_inputs(paged_cache, device, [130, 41], [5, 2], 4, 2, 64, 16, torch.float16)
-    check(args, 64**-0.5, config=FUSED)
-
-
-def test_score_paged_fused_leaves_its_counters_zeroed(paged_cache, device):
-    """Each launch zeroes the counters it used as it ends: the next call starts clean."""
-    torch.manual_seed(0)
-    args = make_inputs(paged_cache, device, [150, 63, 97], [7, 3, 1], 4, 2, 64, 16, torch.float32)
-    first = score_paged(*args, 64**-0.5, config=FUSED)
-    counters = score_triton._sync_counters(torch.device(device), 0)
-    assert not counters.any()
-    torch.testing.assert_close(score_paged(*args, 64**-0.5, config=FUSED), first, rtol=0, atol=0)
-
-
-@triton.jit
-def _fused_order_kernel(out, n_items, NUM_UNITS, NC, NCS, LAG):
-    for i_item in range(n_items):
-        is_stats, u, i_c = score_triton._fused_item(i_item, NUM_UNITS, NC, NCS, LAG)
-        tl.store(out + 3 * i_item, is_stats.to(tl.int32))
-        tl.store(out + 3 * i_item + 1, u)
-        tl.store(out + 3 * i_item + 2, i_c)
-
-
-@pytest.mark.parametrize("num_units,nc,ncs,lag", [(1, 3, 2, 1), (8, 65, 64, 4), (5, 4, 4, 2), (6, 3, 1, 6)])
-def test_fused_item_order(device, num_units, nc, ncs, lag):
-    """Every item once, and every score item after all stats items of its unit: the order
-    that keeps the fused schedule free of deadlock."""
-    n_items = num_units * (nc + ncs)
-    out = torch.full((n_items, 3), -1, dtype=torch.int32, device=device)
-    _fused_order_kernel[(1,)](out, n_items, num_units, nc, ncs, lag)
-    items = [tuple(row) for row in out.tolist()]
-    assert sorted(items) == sorted(
-        [(1, u, c) for u in range(num_units) for c in range(nc)]
-        + [(0, u, c) for u in range(num_units) for c in range(ncs)]
-    )
-    last_stats = {u: max(i for i, (s, v, _) in enumerate(items) if s and v == u) for u in range(num_units)}
-    assert all(i > last_stats[u] for i, (s, u, _) in enumerate(items) if not s)
-
-
-def test_fused_config_checks():
-    cpu = torch.device("cpu")
-    assert ScoreConfig(schedule="fused").resolved(1, 8, 32800, cpu) == ScoreConfig(
-        schedule="fused", chunk=score_triton.FUSED_CHUNK, block_n=128
-    )
-    # a chunk that 128-key tiles do not divide gets 64-key ones
-    assert ScoreConfig(schedule="fused", chunk=192).resolved(1, 8, 32800, cpu).block_n == 64
-    with pytest.raises(ValueError, match="schedule"):
-        ScoreConfig(schedule="both").resolved(1, 8, 100, cpu)
-    with pytest.raises(ValueError, match="multiple of block_n"):
-        ScoreConfig(schedule="fused", chunk=96, block_n=64).resolved(1, 8, 100, cpu)
-    with pytest.raises(ValueError, match="lag"):
-        ScoreConfig(schedule="fused", lag=0).resolved(1, 8, 100, cpu)
-
-
 def test_block_n_default_follows_the_problem_size():
     cpu = torch.device("cpu")
     assert ScoreConfig().resolved(1, 8, 8224, cpu).block_n == 64
@@ -240,9 +135,8 @@ LLAMA_SHAPES = [
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("schedule", ["split", "fused"])
 @pytest.mark.parametrize("prompt_len,batch", LLAMA_SHAPES)
-def test_score_paged_llama(paged_cache, device, prompt_len, batch, schedule):
+def test_score_paged_llama(paged_cache, device, prompt_len, batch):
     """Llama-3.1-8B heads (32 q / 8 kv, head_dim 128), bf16, 32 soft tokens per request.
 
     Judge Q layout: key_len = prompt + 32 soft tokens, the prompt keys are the candidates.
@@ -252,7 +146,7 @@ def test_score_paged_llama(paged_cache, device, prompt_len, batch, schedule):
     n_soft = 32
     lens = [prompt_len + n_soft - (b * 997) % (prompt_len // 8) for b in range(batch)]
     args = make_inputs(paged_cache, device, lens, [n_soft] * batch, 4, 8, 128, 16, torch.bfloat16)
-    out = score_paged(*args, 128**-0.5, config=ScoreConfig(schedule=schedule))
+    out = score_paged(*args, 128**-0.5)
     assert not out.isnan().any()
     for b in sorted({0, batch - 1}):
         ref = naive_score_paged(*_request(args, b), 128**-0.5)
@@ -261,11 +155,10 @@ def test_score_paged_llama(paged_cache, device, prompt_len, batch, schedule):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("schedule", ["split", "fused"])
-def test_score_paged_llama_pool(paged_cache, device, schedule):
+def test_score_paged_llama_pool(paged_cache, device):
     torch.manual_seed(0)
     args = make_inputs(paged_cache, device, [32768 + 32, 20000], [32, 32], 4, 8, 128, 16, torch.bfloat16)
-    check(args, 128**-0.5, pool=7, config=ScoreConfig(schedule=schedule))
+    check(args, 128**-0.5, pool=7)
 
 
 def _request(args, b):
