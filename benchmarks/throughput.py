@@ -216,9 +216,13 @@ class Run:
     def engine_kwargs(self, pool_tokens: int) -> dict[str, Any]:
         """The engine arguments every setting shares on one pool (eviction excluded)."""
         config = self.config
+        # kv_cache_memory_bytes is per worker, and each of N tensor-parallel workers holds
+        # 1/N of the KV heads: the same pool in tokens at any N
+        ranks = int(self.extra_engine_args.get("tensor_parallel_size", 1))
+        pool_bytes = pool_tokens * kv_bytes_per_token(self.model_dir, config.dtype) // ranks
         kwargs = dict(
             model=str(self.model_dir), dtype=config.dtype, load_format=MODELS[config.model].load_format, seed=0,
-            block_size=BLOCK_SIZE, kv_cache_memory_bytes=pool_tokens * kv_bytes_per_token(self.model_dir, config.dtype),
+            block_size=BLOCK_SIZE, kv_cache_memory_bytes=pool_bytes,
             # room for Judge Q's soft tokens, which count towards vLLM's length
             max_model_len=config.prompt_len + config.output_len + N_SOFT + BLOCK_SIZE,
             max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,

@@ -285,18 +285,30 @@ def _check_engine_features(vllm_config: Any, policy: str) -> None:
 
     on_cpu = current_platform.is_cpu()
     backend = getattr(vllm_config.attention_config, "backend", None)
+    parallel = vllm_config.parallel_config
+    ranks = parallel.tensor_parallel_size
+    kv_heads = vllm_config.model_config.get_total_num_kv_heads() if ranks > 1 else 1
+    passes = vllm_config.compilation_config.pass_config if ranks > 1 else None
     unsupported = {
         "speculative decoding": vllm_config.speculative_config is not None,
-        "pipeline parallelism": vllm_config.parallel_config.pipeline_parallel_size > 1,
-        "tensor parallelism (untested)": vllm_config.parallel_config.tensor_parallel_size > 1,
-        "decode context parallelism": vllm_config.parallel_config.decode_context_parallel_size > 1,
+        "pipeline parallelism": parallel.pipeline_parallel_size > 1,
+        # each rank scores and compacts its own kv heads (docs/tensor-parallel-design.md); with
+        # more ranks than kv heads vLLM replicates a head, and each copy would be scored by a
+        # different share of its query heads
+        f"--tensor-parallel-size {ranks} with {kv_heads} KV heads (it must divide them)": kv_heads % ranks != 0,
+        # the same code as on CPU, where TP=2 is tested, but no multi-GPU host has run it yet
+        "tensor parallelism on GPU (not yet run on a multi-GPU host)": not on_cpu and ranks > 1,
+        # compaction steps need the piecewise graphs, which sequence parallelism turns off
+        "sequence parallelism or async TP": passes is not None and bool(passes.enable_sp or passes.fuse_gemm_comms),
+        "more than one node": parallel.nnodes > 1,
+        "decode context parallelism": parallel.decode_context_parallel_size > 1,
         # a prompt's tokens split across ranks: no rank holds all the keys a plan scores
-        "prefill context parallelism": vllm_config.parallel_config.prefill_context_parallel_size > 1,
+        "prefill context parallelism": parallel.prefill_context_parallel_size > 1,
         "KV-cache connectors": vllm_config.kv_transfer_config is not None,
         "prompt embeddings (--enable-prompt-embeds)": vllm_config.model_config.enable_prompt_embeds,
         "--kv-sharing-fast-prefill": vllm_config.cache_config.kv_sharing_fast_prefill,
         "quantized KV cache (--kv-cache-dtype)": vllm_config.cache_config.cache_dtype not in ("auto", None),
-        "data parallelism": vllm_config.parallel_config.data_parallel_size > 1,
+        "data parallelism": parallel.data_parallel_size > 1,
         "compiled execution on CPU (add --enforce-eager)": on_cpu and not vllm_config.model_config.enforce_eager,
         f"the {getattr(backend, 'name', backend)} attention backend (use one of {', '.join(GPU_ATTENTION_BACKENDS)})": (
             not on_cpu and backend is not None and backend.name not in GPU_ATTENTION_BACKENDS

@@ -102,6 +102,18 @@ def test_offline_grid_checkpoints_every_engine_with_its_ratios(monkeypatch, tmp_
     assert seen == [[("vanilla", 1.0)], [("vanilla", 1.0), ("snapkv", 3.0)]]
 
 
+@pytest.mark.parametrize("ranks", [1, 2, 4])
+def test_a_pool_holds_the_same_tokens_at_any_tensor_parallel_size(monkeypatch, tmp_path, ranks):
+    from benchmarks.throughput import CONFIGS, Run
+
+    monkeypatch.setattr("benchmarks.throughput.kv_bytes_per_token", lambda model_dir, dtype: 1024)
+    extra = {} if ranks == 1 else {"tensor_parallel_size": ranks}
+    run = Run(config=CONFIGS["smoke"], model_dir=tmp_path, soft_tokens=None, budgets=[KVBudget(tokens=64)],
+              pools=[1536], enforce_eager=True, extra_engine_args=extra, seed=0)
+    # per worker: each of the ranks holds 1/ranks of every token's KV
+    assert run.engine_kwargs(1536)["kv_cache_memory_bytes"] == 1536 * 1024 // ranks
+
+
 def test_in_process_engines_are_refused_on_a_gpu(monkeypatch):
     import torch
 

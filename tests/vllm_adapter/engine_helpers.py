@@ -3,6 +3,8 @@
 import gc
 from dataclasses import replace
 
+import torch
+
 # 16 prompts, 100..3000 tokens, most short: prefill cost dominates the suite's run time
 ENGINE_PROMPT_LENS = [100, 108, 117, 128, 140, 155, 170, 190, 215, 245, 290, 350, 450, 650, 1100, 3000]
 MAX_NEW_TOKENS = 8
@@ -150,3 +152,52 @@ def run_counting_preemptions(llm, prompts, admission_horizon, max_tokens=80):
         scheduler.eviction_config = config
     assert free_blocks(llm) == start
     return alone, together, preempted, max(running)
+
+
+# ---- every rank's records (tensor parallelism: the workers are other processes) ----------
+# these run on each worker through ``LLM.collective_rpc``, which pickles them by reference:
+# they live here, in a module the workers can import, not in a test module
+
+
+def attach_kept_index_recorder(worker) -> None:
+    from judgeq_vllm.vllm_adapter.step import KeptIndexRecorder
+
+    worker.model_runner.kept_index_recorder = KeptIndexRecorder()
+
+
+def take_kept_index_recorder(worker):
+    runner = worker.model_runner
+    recorder, runner.kept_index_recorder = runner.kept_index_recorder, None
+    return recorder
+
+
+def attach_event_recorder(worker) -> None:
+    from judgeq_vllm.vllm_adapter.step import GKVEventRecorder
+
+    worker.model_runner.gkv_event_recorder = GKVEventRecorder()
+
+
+def take_event_recorder(worker):
+    runner = worker.model_runner
+    recorder, runner.gkv_event_recorder = runner.gkv_event_recorder, None
+    return recorder
+
+
+def merged_kept(recorders, request_id: str) -> dict[int, torch.Tensor] | None:
+    """One request's kept rows per layer over every rank's kv heads, in rank order (rank
+    ``r`` holds the ``r``-th contiguous share of the heads)."""
+    per_rank = [recorder.for_request(request_id) for recorder in recorders]
+    if all(kept is None for kept in per_rank):
+        return None
+    assert all(kept is not None for kept in per_rank), f"{request_id}: compacted on some ranks only"
+    return {layer: torch.cat([kept[layer] for kept in per_rank]) for layer in per_rank[0]}
+
+
+def merged_events(recorders, request_id: str) -> dict[int, dict[int, torch.Tensor]]:
+    """One request's decode-time events (``GKVEventRecorder``) over every rank's kv heads."""
+    per_rank = [recorder.for_request(request_id) for recorder in recorders]
+    assert all(sorted(events) == sorted(per_rank[0]) for events in per_rank), f"{request_id}: ranks' events differ"
+    return {
+        event: {layer: torch.cat([events[event][layer] for events in per_rank]) for layer in per_rank[0][event]}
+        for event in per_rank[0]
+    }

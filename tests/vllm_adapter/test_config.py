@@ -185,9 +185,11 @@ def gpu_engine_features(backend):
         kv_transfer_config=None,
         parallel_config=SimpleNamespace(
             pipeline_parallel_size=1, tensor_parallel_size=1, decode_context_parallel_size=1, data_parallel_size=1,
-            prefill_context_parallel_size=1,
+            prefill_context_parallel_size=1, nnodes=1,
         ),
-        model_config=SimpleNamespace(enable_prompt_embeds=False, enforce_eager=False),
+        model_config=SimpleNamespace(enable_prompt_embeds=False, enforce_eager=False,
+                                     get_total_num_kv_heads=lambda: 8),
+        compilation_config=SimpleNamespace(pass_config=SimpleNamespace(enable_sp=False, fuse_gemm_comms=False)),
         cache_config=SimpleNamespace(kv_sharing_fast_prefill=False, cache_dtype="auto"),
         use_v2_model_runner=True,
     )
@@ -216,7 +218,7 @@ def test_pyramidkv_with_flashinfer_is_refused_on_gpu(monkeypatch):
 
 @pytest.mark.parametrize(
     "field, name",
-    [("tensor_parallel_size", "tensor parallelism"), ("pipeline_parallel_size", "pipeline parallelism"),
+    [("tensor_parallel_size", "tensor parallelism on GPU"), ("pipeline_parallel_size", "pipeline parallelism"),
      ("prefill_context_parallel_size", "prefill context parallelism"),
      ("decode_context_parallel_size", "decode context parallelism"), ("data_parallel_size", "data parallelism")],
 )
@@ -229,6 +231,60 @@ def test_parallelism_is_refused_by_name(monkeypatch, field, name):
     config = gpu_engine_features("FLASH_ATTN")
     setattr(config.parallel_config, field, 2)
     with pytest.raises(ValueError, match=f"--kv-eviction does not support {name}"):
+        _check_engine_features(config, "snapkv")
+
+
+def cpu_engine_features(ranks, kv_heads):
+    config = gpu_engine_features(None)
+    config.parallel_config.tensor_parallel_size = ranks
+    config.model_config.get_total_num_kv_heads = lambda: kv_heads
+    config.model_config.enforce_eager = True
+    return config
+
+
+@pytest.mark.parametrize("ranks, kv_heads", [(2, 4), (4, 4), (2, 8)])
+def test_tensor_parallelism_dividing_the_kv_heads_is_accepted_on_cpu(monkeypatch, ranks, kv_heads):
+    import vllm.platforms
+
+    from judgeq_vllm.vllm_adapter.config import _check_engine_features
+
+    monkeypatch.setattr(vllm.platforms, "current_platform", _Platform("cpu"))
+    _check_engine_features(cpu_engine_features(ranks, kv_heads), "judgeq")
+
+
+@pytest.mark.parametrize("ranks, kv_heads", [(2, 3), (8, 4), (3, 4)])
+def test_tensor_parallelism_not_dividing_the_kv_heads_is_refused(monkeypatch, ranks, kv_heads):
+    import vllm.platforms
+
+    from judgeq_vllm.vllm_adapter.config import _check_engine_features
+
+    monkeypatch.setattr(vllm.platforms, "current_platform", _Platform("cpu"))
+    with pytest.raises(ValueError, match=f"--tensor-parallel-size {ranks} with {kv_heads} KV heads"):
+        _check_engine_features(cpu_engine_features(ranks, kv_heads), "snapkv")
+
+
+@pytest.mark.parametrize("field", ["enable_sp", "fuse_gemm_comms"])
+def test_sequence_parallelism_is_refused_with_tensor_parallelism(monkeypatch, field):
+    import vllm.platforms
+
+    from judgeq_vllm.vllm_adapter.config import _check_engine_features
+
+    monkeypatch.setattr(vllm.platforms, "current_platform", _Platform("cpu"))
+    config = cpu_engine_features(2, 4)
+    setattr(config.compilation_config.pass_config, field, True)
+    with pytest.raises(ValueError, match="sequence parallelism or async TP"):
+        _check_engine_features(config, "snapkv")
+
+
+def test_more_than_one_node_is_refused(monkeypatch):
+    import vllm.platforms
+
+    from judgeq_vllm.vllm_adapter.config import _check_engine_features
+
+    monkeypatch.setattr(vllm.platforms, "current_platform", _Platform("cpu"))
+    config = cpu_engine_features(2, 4)
+    config.parallel_config.nnodes = 2
+    with pytest.raises(ValueError, match="more than one node"):
         _check_engine_features(config, "snapkv")
 
 
