@@ -83,6 +83,23 @@ def add(llm, request_id, prompt, max_tokens):
     return engine_id
 
 
+def abort_mid_prefill_and_mid_decode(llm, prefill_prompt, decode_prompt) -> None:
+    """Aborts a request after its first prefill chunk and another one after its compaction,
+    three tokens into its decode; then runs the engine dry."""
+    scheduler = engine_core(llm).scheduler
+    mid_prefill = add(llm, "abort-prefill", prefill_prompt, max_tokens=50)
+    mid_decode = add(llm, "abort-decode", decode_prompt, max_tokens=50)
+    llm.llm_engine.step()
+    assert 0 < scheduler.requests[mid_prefill].num_computed_tokens < len(prefill_prompt)
+    llm.llm_engine.abort_request(["abort-prefill"])
+    while scheduler.requests[mid_decode].num_output_tokens < 3:
+        llm.llm_engine.step()
+    assert block_row(llm, mid_decode)[0].is_null  # compacted, head freed
+    llm.llm_engine.abort_request(["abort-decode"])
+    while llm.llm_engine.has_unfinished_requests():
+        llm.llm_engine.step()
+
+
 def block_row(llm, engine_id):
     """The request's block table (null blocks where compaction freed the head)."""
     manager = engine_core(llm).scheduler.kv_cache_manager.coordinator.single_type_managers[0]

@@ -5,7 +5,17 @@ on) driven step by step through ``LLMEngine.step``, in-process.
 """
 
 import pytest
-from engine_helpers import engine_core, free_blocks, greedy, make_llm, run_counting_preemptions, shutdown
+from engine_helpers import (
+    abort_mid_prefill_and_mid_decode,
+    add,
+    block_row,
+    engine_core,
+    free_blocks,
+    greedy,
+    make_llm,
+    run_counting_preemptions,
+    shutdown,
+)
 
 from judgeq_vllm.policies import KVBudget, make_policy
 from judgeq_vllm.vllm_adapter import llm_kwargs, plan_request
@@ -26,21 +36,6 @@ def llm(smollm2_dir):
 
 def plan_for(prompt):
     return plan_request(len(prompt), make_policy("snapkv"), KVBudget(tokens=BUDGET), 16, num_layers=30)
-
-
-def add(llm, request_id, prompt, max_tokens):
-    from vllm import SamplingParams
-    from vllm.inputs import TokensPrompt
-
-    llm.llm_engine.add_request(request_id, TokensPrompt(prompt_token_ids=prompt), SamplingParams(max_tokens=max_tokens, temperature=0.0))
-    scheduler = engine_core(llm).scheduler
-    (engine_id,) = [rid for rid in scheduler.requests if rid.rsplit("-", 1)[0] == request_id]
-    return engine_id
-
-
-def block_row(llm, engine_id):
-    manager = engine_core(llm).scheduler.kv_cache_manager.coordinator.single_type_managers[0]
-    return manager.req_to_blocks.get(engine_id, [])
 
 
 def test_compaction_step_frees_exactly_the_planned_blocks(llm, engine_prompts):
@@ -77,19 +72,8 @@ def test_compaction_step_frees_exactly_the_planned_blocks(llm, engine_prompts):
 
 def test_aborted_requests_return_every_block(llm, engine_prompts):
     start = free_blocks(llm)
+    abort_mid_prefill_and_mid_decode(llm, engine_prompts[9], engine_prompts[11])
     scheduler = engine_core(llm).scheduler
-    mid_prefill = add(llm, "abort-prefill", engine_prompts[9], max_tokens=50)
-    mid_decode = add(llm, "abort-decode", engine_prompts[11], max_tokens=50)
-    llm.llm_engine.step()
-    assert 0 < scheduler.requests[mid_prefill].num_computed_tokens < len(engine_prompts[9])
-    llm.llm_engine.abort_request(["abort-prefill"])
-    decode_plan = plan_for(engine_prompts[11])
-    while scheduler.requests[mid_decode].num_computed_tokens < decode_plan.total_len + 3:
-        llm.llm_engine.step()
-    assert block_row(llm, mid_decode)[0].is_null  # compacted, head freed
-    llm.llm_engine.abort_request(["abort-decode"])
-    while llm.llm_engine.has_unfinished_requests():
-        llm.llm_engine.step()
     assert not scheduler.eviction_plans and not scheduler.compaction_scheduled
     assert free_blocks(llm) == start
 

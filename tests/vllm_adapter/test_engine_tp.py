@@ -11,11 +11,9 @@ same blocks, and get the whole pool back.
 import pytest
 import torch
 from engine_helpers import (
-    add,
+    abort_mid_prefill_and_mid_decode,
     attach_event_recorder,
     attach_kept_index_recorder,
-    block_row,
-    engine_core,
     free_blocks,
     greedy,
     make_llm,
@@ -149,18 +147,7 @@ def test_aborts_on_two_ranks_return_every_block(smollm2_4kv_dir, engine_prompts,
                    max_num_batched_tokens=128)
     try:
         start = free_blocks(llm)
-        scheduler = engine_core(llm).scheduler
-        mid_prefill = add(llm, "abort-prefill", engine_prompts[9], max_tokens=50)
-        mid_decode = add(llm, "abort-decode", engine_prompts[11], max_tokens=50)
-        llm.llm_engine.step()
-        assert 0 < scheduler.requests[mid_prefill].num_computed_tokens < len(engine_prompts[9])
-        llm.llm_engine.abort_request(["abort-prefill"])
-        while scheduler.requests[mid_decode].num_output_tokens < 3:
-            llm.llm_engine.step()
-        assert block_row(llm, mid_decode)[0].is_null  # compacted on both ranks, head freed
-        llm.llm_engine.abort_request(["abort-decode"])
-        while llm.llm_engine.has_unfinished_requests():
-            llm.llm_engine.step()
+        abort_mid_prefill_and_mid_decode(llm, engine_prompts[9], engine_prompts[11])
         assert free_blocks(llm) == start
     finally:
         shutdown(llm)
