@@ -207,14 +207,16 @@ def merged_kept(recorders, request_id: str) -> dict[int, torch.Tensor] | None:
     if all(kept is None for kept in per_rank):
         return None
     assert all(kept is not None for kept in per_rank), f"{request_id}: compacted on some ranks only"
-    return {layer: torch.cat([kept[layer] for kept in per_rank]) for layer in per_rank[0]}
+    return join_heads(per_rank)
 
 
 def merged_events(recorders, request_id: str) -> dict[int, dict[int, torch.Tensor]]:
     """One request's decode-time events (``GKVEventRecorder``) over every rank's kv heads."""
     per_rank = [recorder.for_request(request_id) for recorder in recorders]
     assert all(sorted(events) == sorted(per_rank[0]) for events in per_rank), f"{request_id}: ranks' events differ"
-    return {
-        event: {layer: torch.cat([events[event][layer] for events in per_rank]) for layer in per_rank[0][event]}
-        for event in per_rank[0]
-    }
+    return {event: join_heads([events[event] for events in per_rank]) for event in per_rank[0]}
+
+
+def join_heads(per_rank: list[dict[int, torch.Tensor]]) -> dict[int, torch.Tensor]:
+    """``layer -> [heads, k]`` records of every rank joined along the heads, in rank order."""
+    return {layer: torch.cat([kept[layer] for kept in per_rank]) for layer in per_rank[0]}
