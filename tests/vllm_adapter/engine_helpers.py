@@ -176,27 +176,19 @@ def run_counting_preemptions(llm, prompts, admission_horizon, max_tokens=80):
 # they live here, in a module the workers can import, not in a test module
 
 
-def attach_kept_index_recorder(worker) -> None:
-    from judgeq_vllm.vllm_adapter.step import KeptIndexRecorder
+def attach_recorder(worker, attribute: str) -> None:
+    """Gives the worker's runner a fresh recorder: ``kept_index_recorder`` (prefill
+    compactions) or ``gkv_event_recorder`` (decode-time events)."""
+    from judgeq_vllm.vllm_adapter.step import GKVEventRecorder, KeptIndexRecorder
 
-    worker.model_runner.kept_index_recorder = KeptIndexRecorder()
-
-
-def take_kept_index_recorder(worker):
-    runner = worker.model_runner
-    recorder, runner.kept_index_recorder = runner.kept_index_recorder, None
-    return recorder
+    recorders = {"kept_index_recorder": KeptIndexRecorder, "gkv_event_recorder": GKVEventRecorder}
+    setattr(worker.model_runner, attribute, recorders[attribute]())
 
 
-def attach_event_recorder(worker) -> None:
-    from judgeq_vllm.vllm_adapter.step import GKVEventRecorder
-
-    worker.model_runner.gkv_event_recorder = GKVEventRecorder()
-
-
-def take_event_recorder(worker):
-    runner = worker.model_runner
-    recorder, runner.gkv_event_recorder = runner.gkv_event_recorder, None
+def take_recorder(worker, attribute: str):
+    """The runner's recorder, detached."""
+    recorder = getattr(worker.model_runner, attribute)
+    setattr(worker.model_runner, attribute, None)
     return recorder
 
 

@@ -12,16 +12,14 @@ import pytest
 import torch
 from engine_helpers import (
     abort_mid_prefill_and_mid_decode,
-    attach_event_recorder,
-    attach_kept_index_recorder,
+    attach_recorder,
     free_blocks,
     greedy,
     make_llm,
     merged_events,
     merged_kept,
     shutdown,
-    take_event_recorder,
-    take_kept_index_recorder,
+    take_recorder,
 )
 
 from judgeq_vllm.vllm_adapter import llm_kwargs
@@ -57,15 +55,16 @@ def test_padded_model_computes_smollm2s_function(plain_model, smollm2_4kv_dir):
         torch.testing.assert_close(padded(ids).logits, plain_model(ids).logits, rtol=0, atol=1e-5)
 
 
-def run(model_dir, eviction, ranks, prompts, max_tokens, attach, take):
-    """Greedy outputs, every rank's recorder, and the free blocks before and after."""
+def run(model_dir, eviction, ranks, prompts, max_tokens, recorder):
+    """Greedy outputs, every rank's ``recorder`` (the runner attribute), and the free blocks
+    before and after."""
     llm = make_llm(model_dir, eviction, tensor_parallel_size=ranks, max_num_batched_tokens=256)
     try:
-        llm.collective_rpc(attach)
+        llm.collective_rpc(attach_recorder, args=(recorder,))
         start = free_blocks(llm)
         outputs = greedy(llm, prompts, max_tokens=max_tokens, ignore_eos=True)
         end = free_blocks(llm)
-        recorders = llm.collective_rpc(take)
+        recorders = llm.collective_rpc(take_recorder, args=(recorder,))
     finally:
         shutdown(llm)
     return outputs, recorders, start, end
@@ -94,7 +93,7 @@ def test_two_ranks_keep_what_one_keeps_at_the_prefill(name, smollm2_4kv_dir, sof
                                                       ranks_env):
     prompts = engine_prompts[:6]
     eviction = llm_kwargs(name, PREFILL_BUDGET, soft_tokens=soft_tokens_4kv_path if name == "judgeq" else None)
-    runs = [run(smollm2_4kv_dir, eviction, ranks, prompts, 8, attach_kept_index_recorder, take_kept_index_recorder)
+    runs = [run(smollm2_4kv_dir, eviction, ranks, prompts, 8, "kept_index_recorder")
             for ranks in (1, 2)]
     (outputs_one, recorders_one, *_), (outputs_two, recorders_two, *_) = runs
     assert len(recorders_two) == 2
@@ -120,7 +119,7 @@ def test_two_ranks_keep_what_one_keeps_at_every_gkv_event(smollm2_4kv_dir, engin
     # 140 tokens (compressed at the prefill, then every 32 steps), 100 (first at 132 tokens)
     prompts = [engine_prompts[4], engine_prompts[0]]
     eviction = llm_kwargs("gkv", GKV_BUDGET, decode_interval=GKV_INTERVAL)
-    runs = [run(smollm2_4kv_dir, eviction, ranks, prompts, GKV_NEW_TOKENS, attach_event_recorder, take_event_recorder)
+    runs = [run(smollm2_4kv_dir, eviction, ranks, prompts, GKV_NEW_TOKENS, "gkv_event_recorder")
             for ranks in (1, 2)]
     (outputs_one, recorders_one, *_), (outputs_two, recorders_two, *_) = runs
     for _, _, start, end in runs:
