@@ -61,10 +61,3 @@ def num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return 1
-
-
-@functools.cache
-def supports_dependent_launch(device: torch.device) -> bool:
-    """Programmatic dependent launch (a kernel starting while the one before it drains):
-    CUDA GPUs from Hopper (sm_90) on; never in the interpreter, which has no inline asm."""
-    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (9, 0)

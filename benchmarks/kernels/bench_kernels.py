@@ -57,7 +57,6 @@ SWEEP = [
     ScoreConfig(chunk=1024),
     ScoreConfig(chunk=2048),
     ScoreConfig(chunk=4096),
-    ScoreConfig(dependent_launch=False),
 ]
 SWEEP_B1 = [
     ScoreConfig(chunk=chunk, block_n=block_n, num_stages=stages, num_warps=warps)

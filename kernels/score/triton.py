@@ -26,11 +26,8 @@ from typing import NamedTuple
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from ..utils import (
-    check_index_tensor, check_kv_cache, check_same_device, num_sms, supports_dependent_launch,
-)
+from ..utils import check_index_tensor, check_kv_cache, check_same_device, num_sms
 
 LOG2E = 1.4426950408889634
 # chunks' partial stats merged per load in the score pass
@@ -133,12 +130,7 @@ def score_stats_kernel(
     BLOCK_D: tl.constexpr,
     NUM_M_TILES: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
-    DEPENDENT_LAUNCH: tl.constexpr,
 ):
-    if DEPENDENT_LAUNCH:
-        # the score pass may start its programs as these leave the SMs; it waits for the
-        # whole grid before it reads the stats
-        gdc_launch_dependents()
     i_c = tl.program_id(0).to(tl.int64)
     i_h = tl.program_id(1).to(tl.int64)
     i_b = tl.program_id(2).to(tl.int64)
@@ -253,7 +245,6 @@ def score_kernel(
     BLOCK_D: tl.constexpr,
     NUM_M_TILES: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
-    DEPENDENT_LAUNCH: tl.constexpr,
 ):
     # everything in the reverse order of the stats pass (programs, and key tiles within a
     # chunk): the keys it read last are the likeliest to still be in L2. With one wave of
@@ -287,10 +278,6 @@ def score_kernel(
         o_r, m_r, b_q, b_lim = _load_obs_queries(
             q, bos, n_obs, key_len, i_h, i_m, s_qt, s_qh, G, D, BLOCK_M, BLOCK_D
         )
-        if DEPENDENT_LAUNCH:
-            # launched before the stats pass ended: everything above overlapped its tail,
-            # the stats need the whole stats grid done
-            gdc_wait()
         b_lse = _merge_lse(
             p_part, o_r, tl.cdiv(key_len, chunk), NUM_M_TILES * BLOCK_M, BLOCK_M, MERGE_CHUNKS
         )
@@ -359,9 +346,6 @@ class ScoreConfig:
             chunk that allows it), else 64 (see `resolved`).
         num_warps: warps per program.
         num_stages: software-pipelining depth of the key loads.
-        dependent_launch: on GPUs with programmatic dependent launch (sm_90+), start the
-            score pass's programs while the stats pass drains (see the README); no effect
-            elsewhere.
     """
 
     chunk: int | None = None
@@ -369,7 +353,6 @@ class ScoreConfig:
     block_n: int | None = None
     num_warps: int = 4
     num_stages: int = 2
-    dependent_launch: bool = True
 
     def resolved(
         self, batch: int, num_kv_heads: int, max_key_len: int, device: torch.device
@@ -505,7 +488,6 @@ def score_paged(
         key_lens=key_lens, num_candidates=num_candidates, part=part, scores=raw,
         qk_scale=qk_scale, s_sb=raw.stride(0), s_sh=raw.stride(1), NC=plan.num_chunks,
         T_OUT=max_num_candidates, HKV=HKV, **strides, **plan.meta,
-        launch_pdl=plan.meta["DEPENDENT_LAUNCH"],
     )
     if pool_kernel > 1:
         BLOCK_T = 1024
@@ -551,7 +533,6 @@ def _launch_plan(
         DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
-        DEPENDENT_LAUNCH=cfg.dependent_launch and supports_dependent_launch(device),
     )
     return _LaunchPlan(
         num_chunks=NC,
