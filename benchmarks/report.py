@@ -7,7 +7,8 @@ For each kind (throughput, RULER, needle, long generation), configuration and ta
 the newest result file under
 ``benchmarks/results/<kind>/`` is summarised: which model (and where its weights come
 from), which device, vLLM version, commit and date, the headline table, and links to the
-plots next to it. CPU smoke runs (``config: smoke``) are left out unless asked for.
+plots next to it. CPU smoke runs (``config: smoke``) are left out unless asked for, and so
+are the runs a joined file (``benchmarks.throughput_combine``) lists in its ``sources``.
 """
 
 from __future__ import annotations
@@ -56,7 +57,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def latest_results(results_root: Path, include_smoke: bool) -> list[tuple[Path, dict[str, Any]]]:
-    """The newest result file per (kind, configuration, tag), in ``KINDS`` order."""
+    """The newest result file per (kind, configuration, tag), in ``KINDS`` order, less the
+    files that another selected file of the same kind lists in its ``sources`` (a joined
+    file, ``benchmarks.throughput_combine``, summarises them in their place)."""
     newest: dict[tuple[int, str, str], tuple[Path, dict]] = {}
     for kind in KINDS:
         for path in sorted((results_root / kind).glob("*.json")):
@@ -66,7 +69,8 @@ def latest_results(results_root: Path, include_smoke: bool) -> list[tuple[Path, 
             key = (KINDS.index(kind), report["config"], report.get("tag") or "")
             if key not in newest or report["date"] >= newest[key][1]["date"]:
                 newest[key] = (path, report)
-    return [newest[key] for key in sorted(newest)]
+    joined = {(key[0], source["file"]) for key, (_, report) in newest.items() for source in report.get("sources", [])}
+    return [newest[key] for key in sorted(newest) if (key[0], newest[key][0].name) not in joined]
 
 
 def replace_section(readme: str, section: str) -> str:
@@ -92,7 +96,8 @@ def results_section(results: list[tuple[Path, dict]], readme_dir: Path) -> str:
 
 
 def source_line(path: Path, report: dict, readme_dir: Path) -> str:
-    commit = (report.get("git_commit") or "unknown")[:10]
+    # a joined file's commit is its runs' commits joined with "+": each one shortened
+    commit = "+".join(part[:10] for part in (report.get("git_commit") or "unknown").split("+"))
     return (
         f"Model: {report['model']['description']}, {report['model']['dtype']}. Device: {report['device']}; "
         f"vLLM {report['vllm']}; commit {commit}; {report['date'][:10]}. "
