@@ -88,7 +88,7 @@ def soft_tokens_4kv_path(soft_tokens, smollm2_4kv_dir, tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["snapkv", "judgeq"])
+@pytest.mark.parametrize("name", ["snapkv", "judgeq", "h2o", "knorm", "streamingllm", "pyramidkv"])
 def test_two_ranks_keep_what_one_keeps_at_the_prefill(name, smollm2_4kv_dir, soft_tokens_4kv_path, engine_prompts,
                                                       ranks_env):
     prompts = engine_prompts[:6]
@@ -105,7 +105,9 @@ def test_two_ranks_keep_what_one_keeps_at_the_prefill(name, smollm2_4kv_dir, sof
         kept_one, kept_two = merged_kept(recorders_one, out_one.request_id), merged_kept(recorders_two, out_two.request_id)
         assert sorted(kept_two) == sorted(kept_one) == list(range(30))
         for layer, expected in kept_one.items():
-            assert kept_two[layer].shape == expected.shape == (4, PREFILL_BUDGET)
+            # pyramidkv's budget varies by layer; the others keep PREFILL_BUDGET everywhere
+            assert kept_two[layer].shape == expected.shape and expected.shape[0] == 4
+            assert name == "pyramidkv" or expected.shape[1] == PREFILL_BUDGET
             same += count_same(kept_two[layer], expected)
             # KV head 3 copies KV head 0, on the other rank
             same += count_same(kept_two[layer][3:], kept_two[layer][:1])
