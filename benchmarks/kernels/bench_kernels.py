@@ -25,6 +25,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 import triton
@@ -163,7 +164,9 @@ def paged_cache(lens: list[int], num_layers: int) -> tuple[list[torch.Tensor], t
     return caches, block_tables
 
 
-def bench_score(T: int, B: int, peak: float | None, cfg: ScoreConfig, profile: bool) -> dict:
+def score_problem(T: int, B: int, cfg: ScoreConfig) -> Callable[[], torch.Tensor]:
+    """One layer's `score_paged` call for B prompts of T tokens plus the soft tokens, with
+    the host-side maxima given (no device sync), as the engine calls it."""
     key_len = T + N_SOFT
     (cache,), block_tables = paged_cache([key_len] * B, 1)
     queries = torch.randn(B * N_SOFT, NUM_Q_HEADS, HEAD_DIM, dtype=torch.bfloat16, device=DEVICE)
@@ -177,16 +180,23 @@ def bench_score(T: int, B: int, peak: float | None, cfg: ScoreConfig, profile: b
             queries, qsl, cache, block_tables, key_lens, num_cand, HEAD_DIM**-0.5, config=cfg, **hints
         )
 
+    return run
+
+
+def bench_score(T: int, B: int, peak: float | None, cfg: ScoreConfig, profile: bool) -> dict:
+    key_len = T + N_SOFT
+    run = score_problem(T, B, cfg)
     ms = do_bench(run, return_mode="median")
     # what the kernels read and write: K of every key in the stats pass and of every
     # candidate in the score pass (V is never touched), the queries once per pass, the
     # per-chunk row stats written then read, the scores written
     k_row = NUM_KV_HEADS * HEAD_DIM * 2
-    resolved = cfg.resolved(B, NUM_KV_HEADS, key_len, cache.device)
+    resolved = cfg.resolved(B, NUM_KV_HEADS, key_len, torch.device(DEVICE))
     chunk = resolved.chunk
     rows = N_SOFT * (NUM_Q_HEADS // NUM_KV_HEADS)
     stats = B * NUM_KV_HEADS * triton.cdiv(key_len, chunk) * rows * 4 * 2
-    small = 2 * queries.numel() * 2 + 2 * stats + B * NUM_KV_HEADS * T * 4
+    query_bytes = B * N_SOFT * NUM_Q_HEADS * HEAD_DIM * 2
+    small = 2 * query_bytes + 2 * stats + B * NUM_KV_HEADS * T * 4
     bytes_moved = B * (key_len + T) * k_row + small
     # the least a call can move through HBM: K once, when the second read hits L2
     hbm_bytes_min = B * key_len * k_row + small
@@ -206,7 +216,7 @@ def bench_score(T: int, B: int, peak: float | None, cfg: ScoreConfig, profile: b
     for key, t in timings:
         row[f"{key}_ms"] = t
         row[f"{key}_pct_peak_hbm"] = 100 * bytes_moved / t / 1e6 / peak if peak else None
-    del cache, queries
+    del run  # the cache and queries it holds
     torch.cuda.empty_cache()
     return row
 
